@@ -1,0 +1,21 @@
+"""qwen_jax: Qwen2 / Qwen2.5 / Qwen3 in JAX/Flax NNX.
+
+Public surface (kept stable):
+
+    model = qwen_jax.from_pretrained(path, dtype=..., param_dtype=..., mesh=None, **config_overrides)
+    logits = model(input_ids, positions=None, segment_ids=None)   # [batch, seq, vocab]
+"""
+
+from qwen_jax.config import ConfigError, QwenConfig, config_from_dict, load_hf_config
+from qwen_jax.hf_io import CheckpointError, from_pretrained
+from qwen_jax.model import Qwen
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "Qwen",
+    "QwenConfig",
+    "config_from_dict",
+    "from_pretrained",
+    "load_hf_config",
+]

@@ -1,0 +1,46 @@
+"""Plain full attention in XLA: the reference every fast path is tested against.
+
+Layout `[batch, seq, heads, head_dim]` for queries, `[batch, seq, kv_heads, head_dim]` for
+keys/values (grouped-query attention without repeating K/V: query head h reads kv head
+h // G).  Scores and softmax in float32.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from qwen_jax.attention.masks import attention_mask
+
+
+def xla_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, sliding_window=None, scale=None,
+                  causal=True, q_offset=0, return_lse=False):
+    """Softmax(scale * q k^T + mask) v.
+
+    `segment_ids` [batch, q_seq] (and `kv_segment_ids` [batch, kv_seq], default the same):
+    tokens attend only within their own segment (packed documents).  `sliding_window`: a key is visible iff 0 <= q_index - k_index < window.
+    `q_offset`: index of the first query relative to the first key (for blocks).
+    Returns `out` (and the natural-log log-sum-exp [batch, seq, heads] if asked).
+    """
+    b, t, h, d = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    scale = d**-0.5 if scale is None else scale
+    qg = q.reshape(b, t, kv, g, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    q_seg, k_seg = segment_ids, segment_ids if kv_segment_ids is None else kv_segment_ids
+    mask = attention_mask(t, s, q_offset=q_offset, causal=causal, sliding_window=sliding_window,
+                          q_segment_ids=q_seg, kv_segment_ids=k_seg)  # [b or 1, t, s]
+    mask = mask[:, None, None]
+    logits = jnp.where(mask, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # fully masked rows: output 0
+    weights = jnp.exp(logits - row_max)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = weights / jnp.where(denom == 0, 1.0, denom)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32).reshape(b, t, h, d).astype(q.dtype)
+    if not return_lse:
+        return out
+    lse = (row_max + jnp.log(denom))[..., 0]  # [b, kv, g, t]; -inf for fully masked rows
+    lse = jnp.where(denom[..., 0] == 0, -jnp.inf, lse)
+    return out, lse.reshape(b, h, t).transpose(0, 2, 1)

@@ -1,0 +1,398 @@
+"""Model configuration: one immutable `QwenConfig`, read from a Hugging Face `config.json`.
+
+Why a dataclass of our own rather than `transformers.PretrainedConfig`: the model must run
+without torch/transformers installed and must be hashable (it is a static argument of
+jitted functions).  We read both spellings transformers has used for RoPE:
+
+* v4: top-level `rope_theta` + `rope_scaling` (kind under `rope_type` or legacy `type`);
+* v5: `rope_parameters` (one dict holding `rope_type`, `rope_theta`, ...).
+
+and normalise to the v5 shape with the v5 precedence rules (spec §2.2).  Sliding-window
+layers are resolved exactly as transformers does (`use_sliding_window`,
+`max_window_layers`, v5 `layer_types`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+NOT_YET_SUPPORTED = {
+    "qwen2_moe": "Qwen2-MoE (mixture of experts) is not supported yet",
+    "qwen3_moe": "Qwen3-MoE (mixture of experts) is not supported yet",
+}
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise", "ring", "kernel")
+# Keys of a YaRN/linear/dynamic dict we understand; anything else is kept but unused.
+_ROPE_KEYS = {
+    "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings",
+    "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate",
+    "partial_rotary_factor",
+}
+
+
+class ConfigError(ValueError):
+    """A config.json (or override) value that cannot be used; the message names file and key."""
+
+
+def _freeze(value: Any) -> Any:
+    """Dicts/lists -> sorted tuples, so the config stays hashable (jit static argument)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenConfig:
+    """Architecture (Hugging Face names) plus how to run it (our names, after the marker)."""
+
+    model_type: str = "qwen2"
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = True  # q/k/v bias: always on for qwen2, config key for qwen3
+    qk_norm: bool = False  # qwen3: RMSNorm over head_dim on q and k before RoPE
+    rope_theta: float = 1e6
+    # Normalised v5-style rope dict (without rope_theta), frozen to a sorted tuple of items.
+    rope_parameters: tuple = (("rope_type", "default"),)
+    sliding_window: int | None = None  # already gated by use_sliding_window
+    layer_types: tuple = ()  # per layer: "full_attention" | "sliding_attention"
+    dual_chunk_attention: tuple | None = None  # frozen dual_chunk_attention_config
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: tuple = ()
+    pad_token_id: int | None = None
+    # ---- how to run it (not Hugging Face keys) ----
+    dtype: str = "float32"  # compute dtype of activations / matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters
+    attention: str = "xla"  # one of ATTENTION_IMPLS
+    scan_layers: bool = False  # lax.scan over decoder layers (compile time) vs unrolled loop
+    remat: str = "none"  # rematerialisation policy: none | full | dots | dots_no_batch
+    attention_block_size: int = 512  # key/query block for blockwise and ring attention
+
+    def __post_init__(self):
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", ("full_attention",) * self.num_hidden_layers)
+        self.validate()
+
+    # ---- derived views ----
+    @property
+    def rope(self) -> dict:
+        """The RoPE dict in v5 form (`rope_type`, `factor`, ...) plus `rope_theta`."""
+        return {**dict(self.rope_parameters), "rope_theta": self.rope_theta}
+
+    @property
+    def rope_type(self) -> str:
+        return dict(self.rope_parameters)["rope_type"]
+
+    @property
+    def dca(self) -> dict | None:
+        return None if self.dual_chunk_attention is None else dict(self.dual_chunk_attention)
+
+    def layer_window(self, layer: int) -> int | None:
+        """Sliding window (tokens, self included) of decoder layer `layer`, or None for full attention."""
+        if self.layer_types[layer] == "sliding_attention" and self.sliding_window is not None:
+            return int(self.sliding_window)
+        return None
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def replace(self, **overrides) -> QwenConfig:
+        """A copy with overrides; an unknown key is an error that lists the valid ones."""
+        valid = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(valid)}")
+        return dataclasses.replace(self, **overrides)
+
+    def validate(self, source: str = "config") -> None:
+        def bad(key, why):
+            raise ConfigError(f"{source}: key '{key}': {why}")
+
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                bad(key, f"must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad("num_key_value_heads", f"{self.num_key_value_heads} does not divide "
+                f"num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 2:
+            bad("head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
+        if not (isinstance(self.rope_theta, int | float) and self.rope_theta > 1):
+            bad("rope_theta", f"must be a number > 1, got {self.rope_theta!r}")
+        if not (isinstance(self.rms_norm_eps, int | float) and 0 < self.rms_norm_eps < 1):
+            bad("rms_norm_eps", f"must be in (0, 1), got {self.rms_norm_eps!r}")
+        if len(self.layer_types) != self.num_hidden_layers:
+            bad("layer_types", f"has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        for t in self.layer_types:
+            if t not in ("full_attention", "sliding_attention"):
+                bad("layer_types", f"unknown layer type {t!r} (full_attention | sliding_attention)")
+        if self.sliding_window is not None and (
+            isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int)
+            or self.sliding_window <= 0
+        ):
+            bad("sliding_window", f"must be a positive integer, got {self.sliding_window!r}")
+        rope = dict(self.rope_parameters)
+        rope_type = rope.get("rope_type")
+        if rope_type not in ROPE_TYPES:
+            bad("rope_scaling.rope_type", f"unsupported RoPE type {rope_type!r}; supported: {ROPE_TYPES}")
+        if rope_type != "default":
+            factor = rope.get("factor")
+            if rope_type == "yarn" and factor is None:
+                factor = self.max_position_embeddings / rope["original_max_position_embeddings"]
+            if not isinstance(factor, int | float) or isinstance(factor, bool) or not factor >= 1:
+                bad("rope_scaling.factor", f"{rope_type} RoPE needs a number factor >= 1, got {factor!r}")
+        if rope_type == "yarn":
+            orig = rope.get("original_max_position_embeddings")
+            if not isinstance(orig, int) or orig <= 0:
+                bad("rope_scaling.original_max_position_embeddings", f"must be a positive integer, got {orig!r}")
+        if self.dual_chunk_attention is not None:
+            dca = dict(self.dual_chunk_attention)
+            for key in ("chunk_size", "local_size"):
+                if not isinstance(dca.get(key), int) or dca[key] < 0:
+                    bad(f"dual_chunk_attention_config.{key}", f"must be a non-negative integer, got {dca.get(key)!r}")
+            if dca["chunk_size"] <= dca["local_size"]:
+                bad("dual_chunk_attention_config.chunk_size", "must be larger than local_size")
+        for key in ("dtype", "param_dtype"):
+            if getattr(self, key) not in ("float32", "bfloat16", "float16"):
+                bad(key, f"must be float32, bfloat16 or float16, got {getattr(self, key)!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            bad("attention", f"must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        if self.remat not in ("none", "full", "dots", "dots_no_batch"):
+            bad("remat", f"must be none | full | dots | dots_no_batch, got {self.remat!r}")
+
+
+def _normalise_dtype(name: Any) -> str:
+    aliases = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
+    name = str(getattr(name, "__name__", name))
+    name = getattr(name, "name", name)
+    return aliases.get(name, name)
+
+
+def normalise_rope(raw: Mapping, source: str = "config.json") -> tuple[float, dict]:
+    """(rope_theta, v5-style rope dict without rope_theta) from a raw config dict.
+
+    Precedence follows transformers v5 `standardize_rope_params`: `rope_parameters` wins,
+    else legacy `rope_scaling`; `rope_type` wins over legacy `type`; `rope_theta` from the
+    dict, else top level, else 10000; for YaRN a *top-level*
+    `original_max_position_embeddings` overrides the dict's, and a missing one defaults to
+    `max_position_embeddings`.
+    """
+    params = raw.get("rope_parameters")
+    key = "rope_parameters"
+    if params is None:
+        params, key = raw.get("rope_scaling"), "rope_scaling"
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{source}: key '{key}' must be an object or null, got {type(params).__name__}")
+    params = dict(params)
+    if "full_attention" in params and isinstance(params["full_attention"], Mapping):
+        params = dict(params["full_attention"])  # per-layer-type nesting: Qwen uses one kind
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if "type" in params and "rope_type" in params and params["type"] != params["rope_type"]:
+        raise ConfigError(f"{source}: key '{key}': 'type'={params['type']!r} and "
+                          f"'rope_type'={params['rope_type']!r} disagree")
+    params.pop("type", None)
+    params["rope_type"] = rope_type
+    theta = params.pop("rope_theta", raw.get("rope_theta", 10000.0))
+    if rope_type == "yarn":
+        if raw.get("original_max_position_embeddings") is not None:
+            params["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
+        params.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings"))
+    if params.get("factor") is not None and isinstance(params["factor"], int | float):
+        params["factor"] = float(params["factor"])
+    if not isinstance(theta, int | float) or isinstance(theta, bool):
+        raise ConfigError(f"{source}: key 'rope_theta' must be a number, got {theta!r}")
+    return float(theta), params
+
+
+def config_from_dict(raw: Mapping, source: str = "config.json", **overrides) -> QwenConfig:
+    """Build a QwenConfig from a Hugging Face config dict (v4 or v5 form)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a JSON object at top level")
+    model_type = raw.get("model_type")
+    if model_type in NOT_YET_SUPPORTED:
+        raise ConfigError(f"{source}: key 'model_type': {NOT_YET_SUPPORTED[model_type]} "
+                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"{source}: key 'model_type': unsupported value {model_type!r} "
+                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{source}: key 'hidden_act': only 'silu' is supported, got {raw['hidden_act']!r}")
+
+    def get(key, default=None, kind=None):
+        value = raw.get(key, default)
+        if value is None:
+            value = default
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            # transformers writes ints; accept integral floats (e.g. 32768.0) but nothing else
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{source}: key '{key}' must be an integer, got {value!r}")
+        if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigError(f"{source}: key '{key}' must be a number, got {value!r}")
+        if kind is bool and not isinstance(value, bool):
+            raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
+        return value
+
+    heads = get("num_attention_heads", 32, int)
+    hidden = get("hidden_size", 4096, int)
+    layers = get("num_hidden_layers", 32, int)
+    kv_heads = get("num_key_value_heads", heads, int)
+    if heads <= 0:
+        raise ConfigError(f"{source}: key 'num_attention_heads' must be positive, got {heads}")
+    default_head_dim = 128 if model_type == "qwen3" else hidden // heads
+    head_dim = get("head_dim", default_head_dim, int)
+    use_sliding = get("use_sliding_window", False, bool)
+    sliding_window = raw.get("sliding_window", 4096) if use_sliding else None
+    if sliding_window is not None:
+        sliding_window = get("sliding_window", 4096, int)
+    layer_types = raw.get("layer_types")
+    if layer_types is None:
+        max_window_layers = get("max_window_layers", 28, int)
+        layer_types = [
+            "sliding_attention" if sliding_window is not None and i >= max_window_layers else "full_attention"
+            for i in range(layers)
+        ]
+    elif not isinstance(layer_types, list):
+        raise ConfigError(f"{source}: key 'layer_types' must be a list, got {type(layer_types).__name__}")
+    theta, rope = normalise_rope(raw, source)
+    unknown = sorted(set(rope) - _ROPE_KEYS)
+    if unknown:  # kept for round-trips, but say so: a typo here silently changes nothing
+        rope = {k: v for k, v in rope.items() if k in _ROPE_KEYS}
+    eos = raw.get("eos_token_id")
+    eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+    dca = raw.get("dual_chunk_attention_config")
+    if dca is not None and not isinstance(dca, Mapping):
+        raise ConfigError(f"{source}: key 'dual_chunk_attention_config' must be an object")
+    if dca is not None:
+        dca = {k: v for k, v in dca.items() if k in ("chunk_size", "local_size", "original_max_position_embeddings")}
+    fields = dict(
+        model_type=model_type,
+        vocab_size=get("vocab_size", 151936, int),
+        hidden_size=hidden,
+        intermediate_size=get("intermediate_size", 22016, int),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=get("max_position_embeddings", 32768, int),
+        rms_norm_eps=get("rms_norm_eps", 1e-6, float),
+        tie_word_embeddings=get("tie_word_embeddings", False, bool),
+        attention_bias=True if model_type == "qwen2" else get("attention_bias", False, bool),
+        qk_norm=model_type == "qwen3",
+        rope_theta=theta,
+        rope_parameters=_freeze(rope),
+        sliding_window=sliding_window,
+        layer_types=tuple(layer_types),
+        dual_chunk_attention=_freeze(dca) if dca is not None else None,
+        initializer_range=get("initializer_range", 0.02, float),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=eos,
+        pad_token_id=raw.get("pad_token_id"),
+    )
+    if "dtype" in overrides:
+        overrides["dtype"] = _normalise_dtype(overrides["dtype"])
+    if "param_dtype" in overrides:
+        overrides["param_dtype"] = _normalise_dtype(overrides["param_dtype"])
+    valid = {f.name for f in dataclasses.fields(QwenConfig)}
+    unknown_overrides = sorted(set(overrides) - valid)
+    if unknown_overrides:
+        raise ConfigError(f"unknown config override(s) {unknown_overrides}; valid keys: {sorted(valid)}")
+    fields.update(overrides)
+    try:
+        return QwenConfig(**fields)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("config:", f"{source}:", 1)) from None
+
+
+def load_hf_config(path: str | os.PathLike, **overrides) -> QwenConfig:
+    """Read `config.json` (a file, or the folder holding it)."""
+    path = os.fspath(path)
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: not found (a Hugging Face model folder needs config.json)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    return config_from_dict(raw, source=file, **overrides)
+
+
+def to_hf_dict(cfg: QwenConfig) -> dict:
+    """The Hugging Face config.json keys this config determines (v5 `rope_parameters` form).
+
+    Conversion prefers copying the source config.json verbatim; this is for models built
+    from presets or random init.
+    """
+    rope = dict(cfg.rope_parameters)
+    out = {
+        "architectures": ["Qwen3ForCausalLM" if cfg.model_type == "qwen3" else "Qwen2ForCausalLM"],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if rope["rope_type"] == "default" else rope,
+        "use_sliding_window": cfg.sliding_window is not None,
+        "sliding_window": cfg.sliding_window,
+        "layer_types": list(cfg.layer_types),
+        "initializer_range": cfg.initializer_range,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": (list(cfg.eos_token_id) if len(cfg.eos_token_id) > 1
+                         else cfg.eos_token_id[0] if cfg.eos_token_id else None),
+    }
+    if cfg.model_type == "qwen3":
+        out["attention_bias"] = cfg.attention_bias
+    if cfg.dca is not None:
+        out["dual_chunk_attention_config"] = cfg.dca
+    return out
+
+
+def attention_flops_per_token(cfg: QwenConfig, seq_len: int, causal: bool = True) -> float:
+    """Forward attention-score FLOPs per token (QK^T and PV), halved for causal masks."""
+    per_token = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+    return per_token / 2 if causal else per_token
+
+
+def num_params(cfg: QwenConfig, include_embedding: bool = True) -> int:
+    e, m, h, kv, d = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                      cfg.num_key_value_heads, cfg.head_dim)
+    attn = e * h * d + 2 * e * kv * d + h * d * e
+    if cfg.attention_bias:
+        attn += h * d + 2 * kv * d
+    if cfg.qk_norm:
+        attn += 2 * d
+    layer = attn + 3 * e * m + 2 * e
+    total = cfg.num_hidden_layers * layer + e
+    if include_embedding:
+        total += cfg.vocab_size * e * (1 if cfg.tie_word_embeddings else 2)
+    return total
+
+

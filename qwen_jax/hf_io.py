@@ -1,0 +1,336 @@
+"""Hugging Face <-> qwen_jax parameters: the one name table, streaming safetensors I/O, `from_pretrained`.
+
+The table `PARAM_TABLE` is the single place that knows Hugging Face tensor names.  Each
+entry maps one of our parameter paths to a Hugging Face name (with `{i}` for the layer
+index of stacked decoder parameters) and a layout transform:
+
+* `copy`       same shape (norm weights, embeddings, biases reshaped to [heads, head_dim]);
+* `t`          2-D transpose (nn.Linear [out, in] -> kernel [in, out]);
+* `in_heads`   [heads*head_dim, embed] -> [embed, heads, head_dim]   (q/k/v projections);
+* `out_heads`  [embed, heads*head_dim] -> [heads, head_dim, embed]   (o_proj);
+* `heads`      [heads*head_dim] -> [heads, head_dim]                  (q/k/v biases).
+
+Reading is tensor by tensor with `safetensors.safe_open` (numpy, no torch): with a mesh,
+every device shard is built by `jax.make_array_from_callback` straight from the file, so
+the whole model never sits on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwen_jax.config import ConfigError, QwenConfig, load_hf_config
+from qwen_jax.model import Qwen
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """Missing, unexpected or mis-shaped tensors, unreadable files: the message lists them all."""
+
+
+class ParamSpec(NamedTuple):
+    path: tuple[str, ...]  # our path inside the nnx state
+    hf_name: str  # Hugging Face tensor name; "{i}" = decoder layer index
+    transform: str  # copy | t | in_heads | out_heads | heads
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf_name
+
+
+def param_table(cfg: QwenConfig) -> list[ParamSpec]:
+    """Every parameter this config has, with its Hugging Face name and layout transform."""
+    layer = "model.layers.{i}."
+    table = [
+        ParamSpec(("embed_tokens", "embedding"), "model.embed_tokens.weight", "copy"),
+        ParamSpec(("norm", "scale"), "model.norm.weight", "copy"),
+        ParamSpec(("layers", "input_layernorm", "scale"), layer + "input_layernorm.weight", "copy"),
+        ParamSpec(("layers", "post_attention_layernorm", "scale"), layer + "post_attention_layernorm.weight", "copy"),
+        ParamSpec(("layers", "mlp", "gate_proj", "kernel"), layer + "mlp.gate_proj.weight", "t"),
+        ParamSpec(("layers", "mlp", "up_proj", "kernel"), layer + "mlp.up_proj.weight", "t"),
+        ParamSpec(("layers", "mlp", "down_proj", "kernel"), layer + "mlp.down_proj.weight", "t"),
+        ParamSpec(("layers", "self_attn", "o_proj", "kernel"), layer + "self_attn.o_proj.weight", "out_heads"),
+    ]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        table.append(ParamSpec(("layers", "self_attn", name, "kernel"), layer + f"self_attn.{name}.weight", "in_heads"))
+        if cfg.attention_bias:
+            table.append(ParamSpec(("layers", "self_attn", name, "bias"), layer + f"self_attn.{name}.bias", "heads"))
+    if cfg.model_type == "qwen3" and cfg.attention_bias:
+        table.append(ParamSpec(("layers", "self_attn", "o_proj", "bias"), layer + "self_attn.o_proj.bias", "copy"))
+    if cfg.qk_norm:
+        table.append(ParamSpec(("layers", "self_attn", "q_norm", "scale"), layer + "self_attn.q_norm.weight", "copy"))
+        table.append(ParamSpec(("layers", "self_attn", "k_norm", "scale"), layer + "self_attn.k_norm.weight", "copy"))
+    if not cfg.tie_word_embeddings:
+        table.append(ParamSpec(("lm_head", "kernel"), "lm_head.weight", "t"))
+    return table
+
+
+def hf_shape(spec: ParamSpec, our_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The Hugging Face shape of one layer's tensor, given our (unstacked) shape."""
+    s = tuple(our_shape)
+    if spec.transform == "copy":
+        return s
+    if spec.transform == "t":
+        return (s[1], s[0])
+    if spec.transform == "in_heads":  # ours [E, H, D]
+        return (s[1] * s[2], s[0])
+    if spec.transform == "out_heads":  # ours [H, D, E]
+        return (s[2], s[0] * s[1])
+    if spec.transform == "heads":  # ours [H, D]
+        return (s[0] * s[1],)
+    raise ValueError(spec.transform)
+
+
+def to_ours(spec: ParamSpec, hf: np.ndarray, our_shape: tuple[int, ...]) -> np.ndarray:
+    """One Hugging Face tensor -> our layout (unstacked shape)."""
+    if spec.transform == "copy":
+        return hf
+    if spec.transform == "t":
+        return hf.T
+    if spec.transform == "in_heads":
+        e, h, d = our_shape
+        return hf.reshape(h, d, e).transpose(2, 0, 1)
+    if spec.transform == "out_heads":
+        h, d, e = our_shape
+        return hf.reshape(e, h, d).transpose(1, 2, 0)
+    if spec.transform == "heads":
+        return hf.reshape(our_shape)
+    raise ValueError(spec.transform)
+
+
+def to_hf(spec: ParamSpec, ours: np.ndarray) -> np.ndarray:
+    """One of our (unstacked) tensors -> Hugging Face layout, contiguous."""
+    if spec.transform == "copy":
+        out = ours
+    elif spec.transform == "t":
+        out = ours.T
+    elif spec.transform == "in_heads":
+        e, h, d = ours.shape
+        out = ours.transpose(1, 2, 0).reshape(h * d, e)
+    elif spec.transform == "out_heads":
+        h, d, e = ours.shape
+        out = ours.transpose(2, 0, 1).reshape(e, h * d)
+    elif spec.transform == "heads":
+        out = ours.reshape(-1)
+    else:
+        raise ValueError(spec.transform)
+    return np.ascontiguousarray(out)
+
+
+def hf_names(spec: ParamSpec, num_layers: int) -> list[str]:
+    return [spec.hf_name.format(i=i) for i in range(num_layers)] if spec.stacked else [spec.hf_name]
+
+
+# ---------------------------------------------------------------- safetensors folder reading
+def weight_files(folder: str) -> dict[str, str]:
+    """Tensor name -> file path for a model folder (single file or sharded index)."""
+    index = os.path.join(folder, SAFETENSORS_INDEX)
+    single = os.path.join(folder, SAFETENSORS_SINGLE)
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        missing_files = sorted({f for f in weight_map.values() if not os.path.exists(os.path.join(folder, f))})
+        if missing_files:
+            raise CheckpointError(f"{index}: lists shard files that do not exist: {missing_files}")
+        return {name: os.path.join(folder, file) for name, file in weight_map.items()}
+    if os.path.exists(single):
+        return {name: single for name in _safetensors_keys(single)}
+    pickled = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    if pickled:
+        raise CheckpointError(
+            f"{folder}: only pickled weights ({', '.join(pickled)}); refusing to unpickle (it runs arbitrary code). "
+            "Re-save as safetensors in a trusted environment: "
+            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, safe_serialization=True)"
+        )
+    raise CheckpointError(f"{folder}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} found")
+
+
+def _safetensors_keys(file: str) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="numpy") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"{file}: cannot read safetensors header ({e})") from None
+
+
+class TensorReader:
+    """Reads single tensors from a safetensors folder, keeping files open; bf16 stays bf16 (ml_dtypes)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.files = weight_files(folder)
+        self._open: dict[str, object] = {}
+
+    def _handle(self, file: str):
+        from safetensors import safe_open
+
+        if file not in self._open:
+            self._open[file] = safe_open(file, framework="numpy")
+        return self._open[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self._handle(self.files[name]).get_slice(name).get_dtype()
+
+    def read(self, name: str) -> np.ndarray:
+        file = self.files[name]
+        try:
+            return self._handle(file).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+
+    def close(self):
+        self._open.clear()
+
+
+def check_tensors(cfg: QwenConfig, reader: TensorReader, abstract: dict[tuple, jax.ShapeDtypeStruct],
+                  source: str) -> None:
+    """One error listing every missing, unexpected and mis-shaped tensor."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for spec in param_table(cfg):
+        shape = abstract[spec.path].shape
+        layer_shape = shape[1:] if spec.stacked else shape
+        for name in hf_names(spec, cfg.num_hidden_layers):
+            expected[name] = hf_shape(spec, layer_shape)
+    present = set(reader.files)
+    # transformers may store the tied head anyway; it is redundant, not an error.
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected) - ignorable)
+    misshaped = [
+        f"{n}: file {reader.shape(n)} vs config {expected[n]}"
+        for n in sorted(set(expected) & present) if reader.shape(n) != expected[n]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {_short(unexpected)}")
+    if misshaped:
+        problems.append(f"tensors whose shape disagrees with config.json ({len(misshaped)}): {_short(misshaped)}")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+
+
+def _short(items: list[str], limit: int = 12) -> str:
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+# ---------------------------------------------------------------- model construction
+def abstract_model(cfg: QwenConfig):
+    """(graphdef, abstract state) without allocating parameters."""
+    return nnx.split(nnx.eval_shape(lambda: Qwen(cfg, rngs=nnx.Rngs(0))))
+
+
+def flat_paths(state) -> dict[tuple, object]:
+    """{path tuple of str: leaf} over an nnx.State (variables or raw arrays)."""
+    return {tuple(str(k) for k in path): leaf for path, leaf in nnx.to_flat_state(state)}
+
+
+def iter_hf_tensors(cfg: QwenConfig, state) -> Iterator[tuple[str, ParamSpec, int | None, np.ndarray]]:
+    """(hf_name, spec, layer, hf_array) for every tensor of a (host) state, one at a time."""
+    leaves = flat_paths(state)
+    for spec in param_table(cfg):
+        value = leaves[spec.path]
+        value = getattr(value, "value", value)
+        if spec.stacked:
+            for i in range(cfg.num_hidden_layers):
+                yield spec.hf_name.format(i=i), spec, i, to_hf(spec, np.asarray(value[i]))
+        else:
+            yield spec.hf_name, spec, None, to_hf(spec, np.asarray(value))
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, mesh=None, **config_overrides) -> Qwen:
+    """Load a Hugging Face Qwen2/Qwen2.5/Qwen3 folder (safetensors) into a `Qwen` model.
+
+    `dtype` is the compute dtype (default float32), `param_dtype` the storage dtype
+    (default: float32; pass "keep" to keep the checkpoint's own dtype).  With `mesh`, each
+    parameter is placed straight into its sharding (`qwen_jax.sharding` rules); other
+    keyword arguments override config keys (e.g. `attention="blockwise"`).
+    """
+    from qwen_jax.sharding import state_shardings
+
+    folder = os.fspath(path)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{folder}: not a directory (expected a Hugging Face model folder)")
+    overrides = dict(config_overrides)
+    if dtype is not None:
+        overrides["dtype"] = dtype
+    reader = TensorReader(folder)
+    if param_dtype == "keep":
+        first = next(iter(reader.files))
+        param_dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(reader.dtype(first), "float32")
+    if param_dtype is not None:
+        overrides["param_dtype"] = param_dtype
+    cfg = load_hf_config(folder, **overrides)
+    graphdef, abstract_state = abstract_model(cfg)
+    abstract = flat_paths(abstract_state)
+    check_tensors(cfg, reader, abstract, folder)
+    shardings = flat_paths(state_shardings(abstract_state, mesh)) if mesh is not None else None
+    device = jax.devices()[0]
+    loaded = {}
+    for spec in param_table(cfg):
+        var = abstract[spec.path]
+        shape, target_dtype = var.shape, var.dtype
+        sharding = shardings[spec.path] if shardings else jax.sharding.SingleDeviceSharding(device)
+        loaded[spec.path] = _load_param(reader, cfg, spec, shape, target_dtype, sharding)
+    reader.close()
+    state = _fill_state(abstract_state, loaded)
+    return nnx.merge(graphdef, state)
+
+
+def _fill_state(abstract_state, values: dict[tuple, jax.Array]):
+    def fill(path, leaf):
+        key = tuple(str(k) for k in path)
+        if hasattr(leaf, "replace"):
+            return leaf.replace(values[key])
+        return values[key]
+
+    return nnx.from_flat_state([(p, fill(p, v)) for p, v in nnx.to_flat_state(abstract_state)])
+
+
+def _load_param(reader: TensorReader, cfg: QwenConfig, spec: ParamSpec, shape, dtype, sharding) -> jax.Array:
+    """Build one global array: each Hugging Face tensor is read once and copied into the device shards that need it."""
+    shape = tuple(shape)
+    index_map = sharding.addressable_devices_indices_map(shape)
+    # Devices holding the same shard share one host buffer.
+    buffers: dict[tuple, np.ndarray] = {}
+    device_keys = {}
+    for device, index in index_map.items():
+        key = tuple(sl.indices(n) for sl, n in zip(index, shape, strict=True))
+        device_keys[device] = key
+        if key not in buffers:
+            buffers[key] = np.empty(tuple(len(range(*k)) for k in key), dtype=jnp.dtype(dtype))
+    layers = range(cfg.num_hidden_layers) if spec.stacked else [None]
+    for layer in layers:
+        name = spec.hf_name.format(i=layer) if layer is not None else spec.hf_name
+        layer_shape = shape[1:] if spec.stacked else shape
+        tensor = np.asarray(to_ours(spec, reader.read(name), layer_shape)).astype(jnp.dtype(dtype), copy=False)
+        for key, buf in buffers.items():
+            if layer is None:
+                buf[...] = tensor[tuple(slice(*k) for k in key)]
+                continue
+            layer_range = range(*key[0])
+            if layer in layer_range:
+                buf[layer_range.index(layer)] = tensor[tuple(slice(*k) for k in key[1:])]
+        del tensor
+    arrays = [jax.device_put(buffers[device_keys[d]], d) for d in index_map]
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)

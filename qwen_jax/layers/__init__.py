@@ -1,0 +1,1 @@
+"""Building blocks of the Qwen decoder, one per file (MaxText-style)."""

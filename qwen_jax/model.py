@@ -1,0 +1,139 @@
+"""The Qwen2 / Qwen2.5 / Qwen3 decoder in Flax NNX.
+
+Why NNX: it is Flax's current API; parameters are plain attributes whose paths mirror the
+Hugging Face names (one table in `hf_io.py` maps them), and `nnx.split`/`nnx.merge` give a
+pure (graphdef, state) view for jit, sharding and Orbax.
+
+Decoder layers are *stacked*: every layer parameter has a leading `layers` axis.  One
+parameter tree therefore serves both execution modes, `scan_layers=True` (lax.scan: one
+layer compiled once, fast compiles for deep models) and `scan_layers=False` (unrolled),
+and training, conversion and checkpoints all share it.  Layers of different attention
+kinds (full vs sliding window) run as separate consecutive scans.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwen_jax import rope as rope_lib
+from qwen_jax.attention import DcaContext
+from qwen_jax.config import QwenConfig
+from qwen_jax.layers.attention import Attention
+from qwen_jax.layers.embedding import Embed
+from qwen_jax.layers.linear import Linear
+from qwen_jax.layers.mlp import MLP
+from qwen_jax.layers.normalization import RMSNorm
+from qwen_jax.sharding import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        e = cfg.hidden_size
+        self.input_layernorm = RMSNorm(e, cfg.rms_norm_eps, param_dtype=pdtype, rngs=rngs)
+        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(e, cfg.rms_norm_eps, param_dtype=pdtype, rngs=rngs)
+        self.mlp = MLP(e, cfg.intermediate_size, init_std=cfg.initializer_range, dtype=dtype, param_dtype=pdtype,
+                       rngs=rngs)
+
+    def __call__(self, x, *, rope, positions, segment_ids, sliding_window, impl):
+        h = self.self_attn(self.input_layernorm(x), rope=rope, positions=positions, segment_ids=segment_ids,
+                           sliding_window=sliding_window, impl=impl)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, ("batch", "length", "act_embed"))
+
+
+class Qwen(nnx.Module):
+    """`model(input_ids, positions=None, segment_ids=None) -> logits [batch, seq, vocab]` (float32)."""
+
+    def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, init_std=cfg.initializer_range, dtype=dtype,
+                                  param_dtype=pdtype, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(layer_rngs):
+            return DecoderLayer(cfg, rngs=layer_rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdtype, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear((cfg.hidden_size,), (cfg.vocab_size,), in_axes=("embed",), out_axes=("vocab",),
+                                  use_bias=False, init_std=cfg.initializer_range, dtype=dtype, param_dtype=pdtype,
+                                  rngs=rngs)
+
+    # ---- pieces, so training can compute a chunked loss from hidden states ----
+    def hidden_states(self, input_ids, positions=None, segment_ids=None):
+        """Final-norm hidden states [batch, seq, embed] in the compute dtype."""
+        cfg = self.cfg
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self.embed_tokens(input_ids)
+        rope = self._rope(positions, x.dtype)
+        graphdef, state = nnx.split(self.layers)
+        start = 0
+        for window, group in itertools.groupby(range(cfg.num_hidden_layers), key=cfg.layer_window):
+            n = len(list(group))
+            run = jax.tree.map(lambda a, s=start, n=n: a[s:s + n], state)
+            x = self._run_layers(graphdef, run, n, x, rope=rope, positions=positions, segment_ids=segment_ids,
+                                 sliding_window=window)
+            start += n
+        return self.norm(x)
+
+    def logits(self, hidden):
+        """[batch, seq, vocab] logits in float32 from final hidden states."""
+        if self.cfg.tie_word_embeddings:
+            out = self.embed_tokens.attend(hidden)
+        else:
+            kernel = self.lm_head.kernel.value.astype(hidden.dtype)
+            out = jnp.einsum("bte,ev->btv", hidden, kernel, preferred_element_type=jnp.float32)
+        return constrain(out, ("batch", "length", "act_vocab"))
+
+    def output_embedding(self):
+        """The [embed, vocab] output projection (transposed embedding when tied)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens.embedding.value.T
+        return self.lm_head.kernel.value
+
+    def __call__(self, input_ids, positions=None, segment_ids=None):
+        return self.logits(self.hidden_states(input_ids, positions, segment_ids))
+
+    # ---- internals ----
+    def _rope(self, positions, dtype):
+        cfg = self.cfg
+        if cfg.dca is not None:
+            dca = cfg.dca
+            inv_freq = rope_lib.default_inv_freq(cfg.rope_theta, cfg.head_dim)
+            return DcaContext(inv_freq, int(dca["chunk_size"]), int(dca["local_size"]),
+                              int(dca.get("original_max_position_embeddings") or 0))
+        return rope_lib.rope_tables(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, positions, dtype)
+
+    def _run_layers(self, graphdef, state, n, x, *, sliding_window, **kw):
+        impl = self.cfg.attention
+
+        def one_layer(x, layer_state):
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(x, sliding_window=sliding_window, impl=impl, **kw)
+
+        if self.cfg.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        if self.cfg.scan_layers:
+            x, _ = jax.lax.scan(lambda c, s: (one_layer(c, s), None), x, state)
+            return x
+        for i in range(n):
+            x = one_layer(x, jax.tree.map(lambda a, i=i: a[i], state))
+        return x
