@@ -501,9 +501,11 @@ class Context:
         names = [os.path.basename(os.path.abspath(self.folder.path))]
         if isinstance(cfg.get("_name_or_path"), str):
             names.append(cfg["_name_or_path"])
-        if any(re.search(r"(?i)instruct|chat", n) for n in names):
+        if any(re.search(r"(?i)(?:^|[-./ ])(?:instruct|chat)(?:$|[-./ \d])", n) for n in names):
             return True
-        ids = set(self.cfg_eos or []) | set(self.gen_eos or []) | {cfg.get("bos_token_id")}
+        ids = set(self.cfg_eos or []) | set(self.gen_eos or [])
+        if _is_int(cfg.get("bos_token_id")):
+            ids.add(cfg["bos_token_id"])
         return IM_END in ids
 
     def name(self, tid):
@@ -831,7 +833,8 @@ def check_sliding_window(ctx):
                   f"use_sliding_window is true but max_window_layers {mwl} >= num_hidden_layers {nl}: no layer is "
                   "windowed", "set use_sliding_window to false to say what runs")
     elif sw is not None and mpe is not None and sw < mpe and not use:
-        f.add("QL-SWA-02", WARNING, CONFIG, ("sliding_window",),
+        dca = isinstance(cfg.get("dual_chunk_attention_config"), dict)  # 1M models: DCA bounds attention anyway
+        f.add("QL-SWA-02", INFO if dca else WARNING, CONFIG, ("sliding_window",),
               f"inactive sliding_window {sw} < max_position_embeddings {mpe}: runtimes that ignore "
               f"use_sliding_window cap the usable context/KV window at {sw}",
               'set "sliding_window": null (or equal to max_position_embeddings)',
