@@ -539,7 +539,8 @@ JSON_VALUES = st.recursive(JSON_SCALARS, lambda kids: st.lists(kids, max_size=4)
 KEYS = sorted(set(INSTRUCT) | set(lc._CONFIG_TYPES) | {"rope_scaling", "rope_parameters", "layer_types",
                                                        "dual_chunk_attention_config"})
 ROPE_KEYS = sorted(lc._ROPE_TYPES)
-SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=int(os.environ.get("QWEN_LINT_FUZZ_EXAMPLES", "80")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 def _lint_everything(folder):
