@@ -306,6 +306,16 @@ def test_chat_template_file_turn_end(tmp_path):
     assert fs and fs[0].file.endswith("generation_config.json") and "<|im_end|> (151645)" in fs[0].message
 
 
+def test_vl_config_is_not_held_to_text_rules(tmp_path):
+    """Qwen2-VL ships rope_scaling {"type": "mrope"} and 128000 positions; the text-model rules must not fire."""
+    make(tmp_path, dict(INSTRUCT, model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"],
+                        max_position_embeddings=128000, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}))
+    assert rules(tmp_path, "warning") == set()
+    make(tmp_path, dict(INSTRUCT, model_type="qwen2_vl", rope_scaling={"type": "mrope", "rope_type": "default",
+                                                                       "mrope_section": [16, 24, 24]}))
+    assert rules(tmp_path, "warning") == set()
+
+
 def test_non_qwen_model_skips_qwen_rules(tmp_path):
     make(tmp_path, {"model_type": "llama", "vocab_size": 32000, "eos_token_id": 2, "bos_token_id": 1,
                     "max_position_embeddings": 4096, "rope_theta": 10000.0})
@@ -472,7 +482,7 @@ def test_fix_adds_im_end_to_generation_eos(tmp_path):
     assert json.loads(after)["eos_token_id"] == [151645, 151643]
     assert list(json.loads(after)) == list(json.loads(before))  # key order kept
     assert "-  \"eos_token_id\": [" in out or '+    151645,' in out  # a unified diff is printed
-    assert "+++ b/" in out
+    assert f"+++ {tmp_path / 'generation_config.json'}" in out
     assert [ln for ln in after.splitlines() if "top_p" in ln] == ['  "top_p": 0.8']  # indentation kept
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".qwen-lint-")]
 

@@ -46,6 +46,9 @@ FAMILY_TOKENIZER_MIN = {"qwen2": 151646, "qwen3": 151669}
 NATIVE_CONTEXT = 32768  # pre-training length of Qwen2 / Qwen2.5 / Qwen3 (YaRN's original_max_position_embeddings)
 CHAT_CONTEXT = 40960  # 32768 + 8192 generation budget (Qwen3, QwQ)
 KNOWN_THETAS = (1e6, 5e6, 1e7)
+TEXT_MODEL_TYPES = {"qwen2": "qwen2", "qwen2_moe": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3"}
+TEXT_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                      "Qwen3MoeForCausalLM": "qwen3"}
 KNOWN_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "mrope")
 CONFIG, GENCONFIG, TOKCONFIG = "config.json", "generation_config.json", "tokenizer_config.json"
 KNOWN_FILES = (CONFIG, GENCONFIG, TOKCONFIG)
@@ -460,8 +463,8 @@ class Context:
         mt = cfg.get("model_type") if isinstance(cfg.get("model_type"), str) else ""
         arch = cfg.get("architectures")
         arch0 = arch[0] if isinstance(arch, list) and arch and isinstance(arch[0], str) else ""
-        probe = (mt or arch0).lower()
-        self.family = "qwen3" if probe.startswith("qwen3") else "qwen2" if probe.startswith("qwen2") else None
+        # Qwen-specific rules only for the text families (VL / Omni / Next configs have other layouts).
+        self.family = TEXT_MODEL_TYPES.get(mt) if mt else TEXT_ARCHITECTURES.get(arch0)
         self.mpe = cfg.get("max_position_embeddings") if _is_int(cfg.get("max_position_embeddings")) else None
         self.vocab = cfg.get("vocab_size") if _is_int(cfg.get("vocab_size")) else None
         # token table
@@ -655,11 +658,12 @@ def _norm_rope(d):
 def _check_rope_params(ctx, src, p):
     f, cfg, mpe, qwen = ctx.folder, ctx.cfg, ctx.mpe, ctx.family is not None
     has_rt, has_t = "rope_type" in p, "type" in p
-    if has_rt and has_t and p["rope_type"] != p["type"]:
+    same = {"mrope": "default"}  # Qwen2-VL's config class rewrites type "mrope" to rope_type "default"
+    if has_rt and has_t and same.get(p["rope_type"], p["rope_type"]) != same.get(p["type"], p["type"]):
         f.add("QL-ROPE-06", ERROR, CONFIG, (src, "type"),
               f"{src}.type {json.dumps(p['type'])} conflicts with rope_type {json.dumps(p['rope_type'])}: "
               "transformers uses rope_type, readers of the legacy key use type", "delete the legacy type key")
-    if has_t and not has_rt and isinstance(p["type"], str):
+    if has_t and not has_rt and isinstance(p["type"], str) and p["type"] != "mrope":
         f.add("QL-ROPE-02", WARNING, CONFIG, (src, "type"),
               f'{src} uses the legacy "type" key: readers that only look at "rope_type" run without scaling',
               'rename "type" to "rope_type"', edit=("rename_key", (src, "type"), "rope_type"))
@@ -1085,8 +1089,9 @@ def apply_fixes(folder, out):
             continue
         if text == jf.text:
             continue
-        diff = difflib.unified_diff(jf.text.splitlines(True), text.splitlines(True), fromfile=f"a/{jf.path}",
-                                    tofile=f"b/{jf.path}")
+        shown = jf.path if os.path.isabs(jf.path) else None
+        diff = difflib.unified_diff(jf.text.splitlines(True), text.splitlines(True),
+                                    fromfile=shown or f"a/{jf.path}", tofile=shown or f"b/{jf.path}")
         out.write("".join(diff))
         if not text.endswith("\n") and jf.text.endswith("\n"):
             text += "\n"
@@ -1188,6 +1193,9 @@ def main(argv=None):
             results.append(folder)
     except OSError as e:
         sys.stderr.write(f"qwen-lint: error: {e}\n")
+        return 2
+    except Exception as e:  # a linter bug must still end in one clean line, not a traceback
+        sys.stderr.write(f"qwen-lint: internal error ({type(e).__name__}: {e}); please report it\n")
         return 2
     findings = []
     for folder in results:
