@@ -316,6 +316,20 @@ def test_vl_config_is_not_held_to_text_rules(tmp_path):
     assert rules(tmp_path, "warning") == set()
 
 
+def test_unrelated_config_json_is_left_alone(tmp_path):
+    """The pre-commit hook matches any file named config.json: a non-model one must not fail the commit."""
+    make(tmp_path, {"name": "my-app", "port": 8080, "debug": True, "plugins": ["a", "b"]})
+    assert rules(tmp_path) == set()
+    assert run([tmp_path / "config.json"]) == (0, "")
+
+
+def test_top_level_original_overrides_rope_block(tmp_path):
+    make(tmp_path, dict(INSTRUCT, max_position_embeddings=131072, original_max_position_embeddings=40960,
+                        rope_scaling=YARN))
+    got = rules(tmp_path)
+    assert ("QL-ROPE-11", "warning") in got and ("QL-ROPE-04", "error") in got  # v5 reads 40960
+
+
 def test_non_qwen_model_skips_qwen_rules(tmp_path):
     make(tmp_path, {"model_type": "llama", "vocab_size": 32000, "eos_token_id": 2, "bos_token_id": 1,
                     "max_position_embeddings": 4096, "rope_theta": 10000.0})

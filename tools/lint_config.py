@@ -83,7 +83,8 @@ RULES = {
     "QL-ROPE-09": ("error", "unknown rope type", "model construction fails (no RoPE init function)"),
     "QL-ROPE-10": ("warning", "linear/dynamic scaling with max_position_embeddings already multiplied",
                    "scaling applied twice: vLLM allows factor^2 x context, dynamic NTK starts too late"),
-    "QL-ROPE-11": ("warning", "v4 rope_scaling/rope_theta and v5 rope_parameters disagree",
+    "QL-ROPE-11": ("warning", "v4 rope_scaling/rope_theta and v5 rope_parameters (or a top-level "
+                   "original_max_position_embeddings) disagree",
                    "transformers v4 and v5 build different RoPE from the same folder"),
     "QL-ROPE-12": ("error", "scaling block without `factor`", "KeyError when the rotary embedding is built"),
     "QL-ROPE-13": ("info", "RoPE only in the v5 `rope_parameters` form",
@@ -718,8 +719,14 @@ def _check_rope_params(ctx, src, p):
 def _check_yarn(ctx, src, p, factor):
     f, cfg, mpe, qwen = ctx.folder, ctx.cfg, ctx.mpe, ctx.family is not None
     orig = p.get("original_max_position_embeddings")
-    if _is_int(cfg.get("original_max_position_embeddings")):
-        orig = cfg["original_max_position_embeddings"]  # v5: a top-level value overrides the dict
+    top = cfg.get("original_max_position_embeddings")
+    if _is_int(top):
+        if _is_int(orig) and orig != top:
+            f.add("QL-ROPE-11", WARNING, CONFIG, ("original_max_position_embeddings",),
+                  f"top-level original_max_position_embeddings {top} != {src}.original_max_position_embeddings "
+                  f"{orig}: transformers v5 uses the top-level value, v4 and vLLM the {src} one",
+                  "keep one value (Qwen: 32768 inside the rope block)")
+        orig = top  # v5: a top-level value overrides the dict
     if orig is None:
         edit = None
         if qwen and mpe in (NATIVE_CONTEXT, int(NATIVE_CONTEXT * factor)):
@@ -897,7 +904,7 @@ def check_tokens(ctx):
                               "range in the embedding", "use an id below vocab_size")
     # --- stop set
     stop = ctx.stop
-    if not stop and ctx.tok_eos is None and (cfg is not None or gen is not None):
+    if qwen and not stop and ctx.tok_eos is None:
         name = GENCONFIG if gen is not None else CONFIG
         f.add("QL-EOS-07", ERROR, name, ("eos_token_id",),
               "no eos_token_id anywhere (config, generation_config, tokenizer): generation only ends at "
