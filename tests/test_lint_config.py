@@ -318,7 +318,7 @@ def test_vl_config_is_not_held_to_text_rules(tmp_path):
 
 def test_unrelated_config_json_is_left_alone(tmp_path):
     """The pre-commit hook matches any file named config.json: a non-model one must not fail the commit."""
-    make(tmp_path, {"name": "my-app", "port": 8080, "debug": True, "plugins": ["a", "b"]})
+    make(tmp_path, {"name": "my-app", "port": 8080, "debug": True, "plugins": ["a", "b"], "hidden_size": "large"})
     assert rules(tmp_path) == set()
     assert run([tmp_path / "config.json"]) == (0, "")
 
