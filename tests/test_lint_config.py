@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
