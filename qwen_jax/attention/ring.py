@@ -106,13 +106,22 @@ def _step_kind(layout, t, d, n):
     return jnp.where(t == 0, _ALL, jnp.where(src < d, _KV_FIRST_HALF, _Q_SECOND_HALF))
 
 
-def _split(x, half, first):
-    if x is None:
-        return None
-    return x[:, :half] if first else x[:, half:]
+def _sl(tree, lo, hi):
+    """Slice every array of `tree` along the seq axis (axis 1; index arrays: axis 0)."""
+    return jax.tree.map(lambda x: lax.slice_in_dim(x, lo, hi, axis=1 if x.ndim > 1 else 0), tree)
+
+
+def _aux(q_idx, kv_idx, qside, kvside):
+    q_seg, q_pos, q_scale = qside
+    kv_seg, kv_pos = kvside
+    return BlockAux(q_index=q_idx, kv_index=kv_idx, q_seg=q_seg, kv_seg=kv_seg, q_pos=q_pos, kv_pos=kv_pos,
+                    q_scale=q_scale)
 
 
 class _Ring:
+    """Per-device ring over `axis_name`.  Query side: variants `qs` and `qside = (seg, pos, scale)`;
+    travelling key side: `k, v, kvside = (seg, pos)` (None entries allowed)."""
+
     def __init__(self, axis_name, n, layout, spec: BlockSpec):
         self.axis_name, self.n, self.layout, self.spec = axis_name, n, layout, spec
         self.perm = [(i, (i + 1) % n) for i in range(n)]
@@ -123,74 +132,73 @@ class _Ring:
     def indices(self, d, tl):
         return local_indices(self.layout, d, self.n, tl)
 
-    # ---- forward of one step: (out f32 [b,tl,h,d], lse [b,tl,h]) of local q vs the held kv
-    def step_fwd(self, kind, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
-        half = q.shape[1] // 2
-        spec = self.spec
+    # ---- forward of one step: (out f32 [b,tl,h,d], lse [b,tl,h]) of the local queries vs the held kv
+    def step_fwd(self, kind, qs, qside, q_idx, kv, kv_idx):
+        tl = qs[0].shape[1]
+        half = tl // 2
 
-        def run(qq, kk, vv, qs, ks, qi, ki):
-            return attention_fwd((qq,), kk, vv, BlockAux(q_index=qi, kv_index=ki, q_seg=qs, kv_seg=ks), spec)
+        def run(qs_, qside_, qi, kv_, ki):
+            k, v, kvside = kv_
+            return attention_fwd(qs_, k, v, _aux(qi, ki, qside_, kvside), self.spec)
 
         def all_():
-            return run(q, k, v, q_seg, kv_seg, q_idx, kv_idx)
+            return run(qs, qside, q_idx, kv, kv_idx)
 
         def kv_first_half():
-            return run(q, k[:, :half], v[:, :half], q_seg, _split(kv_seg, half, True), q_idx, kv_idx[:half])
+            return run(qs, qside, q_idx, _sl(kv, 0, half), kv_idx[:half])
 
         def q_second_half():
-            o, lse = run(q[:, half:], k, v, _split(q_seg, half, False), kv_seg, q_idx[half:], kv_idx)
+            o, lse = run(_sl(qs, half, tl), _sl(qside, half, tl), q_idx[half:], kv, kv_idx)
             return (jnp.concatenate([jnp.zeros_like(o), o], axis=1),
                     jnp.concatenate([jnp.full_like(lse, -jnp.inf), lse], axis=1))
 
         def skip():
-            b, tl, h, dd = q.shape
+            b, _, h, dd = qs[0].shape
             return jnp.zeros((b, tl, h, dd), jnp.float32), jnp.full((b, tl, h), -jnp.inf, jnp.float32)
 
         return lax.switch(kind, [all_, kv_first_half, q_second_half, skip])
 
-    # ---- backward of one step: (dq f32 [b,tl,h,d], dk, dv f32 [b,tl,kv,d])
-    def step_bwd(self, kind, q, k, v, q_seg, kv_seg, q_idx, kv_idx, out, lse, dout):
-        half = q.shape[1] // 2
-        spec = self.spec
+    # ---- backward of one step: (dqs f32, dk f32, dv f32) contributed by the held kv
+    def step_bwd(self, kind, qs, qside, q_idx, kv, kv_idx, out, lse, dout):
+        tl = qs[0].shape[1]
+        half = tl // 2
 
-        def run(qq, kk, vv, qs, ks, qi, ki, o, ls, do):
-            aux = BlockAux(q_index=qi, kv_index=ki, q_seg=qs, kv_seg=ks)
-            (dq,), dk, dv = attention_bwd((qq,), kk, vv, aux, spec, o, ls, do)
-            return dq, dk, dv
+        def run(qs_, qside_, qi, kv_, ki, o, ls, do):
+            k, v, kvside = kv_
+            return attention_bwd(qs_, k, v, _aux(qi, ki, qside_, kvside), self.spec, o, ls, do)
+
+        def zeros_like_f32(x):
+            return jnp.zeros(x.shape, jnp.float32)
 
         def all_():
-            return run(q, k, v, q_seg, kv_seg, q_idx, kv_idx, out, lse, dout)
+            return run(qs, qside, q_idx, kv, kv_idx, out, lse, dout)
 
         def kv_first_half():
-            dq, dk, dv = run(q, k[:, :half], v[:, :half], q_seg, _split(kv_seg, half, True), q_idx, kv_idx[:half],
-                             out, lse, dout)
-            return dq, jnp.concatenate([dk, jnp.zeros_like(dk)], 1), jnp.concatenate([dv, jnp.zeros_like(dv)], 1)
+            dqs, dk, dv = run(qs, qside, q_idx, _sl(kv, 0, half), kv_idx[:half], out, lse, dout)
+            return dqs, jnp.concatenate([dk, jnp.zeros_like(dk)], 1), jnp.concatenate([dv, jnp.zeros_like(dv)], 1)
 
         def q_second_half():
-            dq, dk, dv = run(q[:, half:], k, v, _split(q_seg, half, False), kv_seg, q_idx[half:], kv_idx,
-                             out[:, half:], lse[:, half:], dout[:, half:])
-            return jnp.concatenate([jnp.zeros_like(dq), dq], 1), dk, dv
+            dqs, dk, dv = run(_sl(qs, half, tl), _sl(qside, half, tl), q_idx[half:], kv, kv_idx,
+                              *_sl((out, lse, dout), half, tl))
+            return tuple(jnp.concatenate([jnp.zeros_like(x), x], 1) for x in dqs), dk, dv
 
         def skip():
-            return (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
-                    jnp.zeros(v.shape, jnp.float32))
+            return tuple(zeros_like_f32(x) for x in qs), zeros_like_f32(kv[0]), zeros_like_f32(kv[1])
 
         return lax.switch(kind, [all_, kv_first_half, q_second_half, skip])
 
     # ---- whole ring
-    def forward(self, q, k, v, seg):
-        n, tl = self.n, q.shape[1]
+    def forward(self, qs, k, v, qside):
+        n, tl = self.n, qs[0].shape[1]
         d = lax.axis_index(self.axis_name)
         q_idx = self.indices(d, tl)
-        b, _, h, hd = q.shape
+        b, _, h, hd = qs[0].shape
 
         def body(t, carry):
             out, lse, kv = carry
-            kk, vv, ks = kv
             nxt = self.send(kv)  # issued before the compute so the transfer can overlap it
             src = (d - t) % n
-            o_b, l_b = self.step_fwd(_step_kind(self.layout, t, d, n), q, kk, vv, seg, ks, q_idx,
-                                     self.indices(src, tl))
+            o_b, l_b = self.step_fwd(_step_kind(self.layout, t, d, n), qs, qside, q_idx, kv, self.indices(src, tl))
             # LSE merge (spec §5.2b), -inf safe
             new = jnp.logaddexp(lse, l_b)
             ok = jnp.isfinite(new)
@@ -199,55 +207,63 @@ class _Ring:
             wb = jnp.where(ok, jnp.exp(l_b - new_safe), 0.0)[..., None]
             return wa * out + wb * o_b, new, nxt
 
-        init = (jnp.zeros((b, tl, h, hd), jnp.float32), jnp.full((b, tl, h), -jnp.inf, jnp.float32), (k, v, seg))
+        kv0 = (k, v, (qside[0], qside[1]))
+        init = (jnp.zeros((b, tl, h, hd), jnp.float32), jnp.full((b, tl, h), -jnp.inf, jnp.float32), kv0)
         out, lse, _ = lax.fori_loop(0, n, body, init)
         return out, lse
 
-    def backward(self, q, k, v, seg, out, lse, dout):
-        n, tl = self.n, q.shape[1]
+    def backward(self, qs, k, v, qside, out, lse, dout):
+        n, tl = self.n, qs[0].shape[1]
         d = lax.axis_index(self.axis_name)
         q_idx = self.indices(d, tl)
 
         def body(t, carry):
-            dq, kv, dkv = carry
-            kk, vv, ks = kv
+            dqs, kv, dkv = carry
             nxt = self.send(kv)
             src = (d - t) % n
-            dq_b, dk_b, dv_b = self.step_bwd(_step_kind(self.layout, t, d, n), q, kk, vv, seg, ks, q_idx,
-                                             self.indices(src, tl), out, lse, dout)
+            dqs_b, dk_b, dv_b = self.step_bwd(_step_kind(self.layout, t, d, n), qs, qside, q_idx, kv,
+                                              self.indices(src, tl), out, lse, dout)
             # the dK/dV accumulators travel with K/V: after n sends they are back on their owner
             dkv = self.send((dkv[0] + dk_b, dkv[1] + dv_b))
-            return dq + dq_b, nxt, dkv
+            return tuple(a + b_ for a, b_ in zip(dqs, dqs_b, strict=True)), nxt, dkv
 
         zeros_kv = jnp.zeros(k.shape, jnp.float32)
-        init = (jnp.zeros(q.shape, jnp.float32), (k, v, seg), (zeros_kv, zeros_kv))
-        dq, _, (dk, dv) = lax.fori_loop(0, n, body, init)
-        return dq, dk, dv
+        kv0 = (k, v, (qside[0], qside[1]))
+        init = (tuple(jnp.zeros(x.shape, jnp.float32) for x in qs), kv0, (zeros_kv, zeros_kv))
+        dqs, _, (dk, dv) = lax.fori_loop(0, n, body, init)
+        return dqs, dk, dv
 
 
-def _make_local_fn(axis_name, n, layout, spec: BlockSpec, has_seg: bool):
+def _zero_cotangent(x):
+    if x is None:
+        return None
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _make_local_fn(axis_name, n, layout, spec: BlockSpec):
+    """custom_vjp ring on local shards: (qs, k, v, qside=(seg, pos, scale)) -> out [b, tl, h, d]."""
     ring = _Ring(axis_name, n, layout, spec)
 
     @jax.custom_vjp
-    def local(q, k, v, seg):
-        out, _ = ring.forward(q, k, v, seg)
-        return out.astype(q.dtype)
+    def local(qs, k, v, qside):
+        out, _ = ring.forward(qs, k, v, qside)
+        return out.astype(qs[0].dtype)
 
-    def fwd(q, k, v, seg):
-        out, lse = ring.forward(q, k, v, seg)
-        out = out.astype(q.dtype)
-        return out, (q, k, v, seg, out, lse)
+    def fwd(qs, k, v, qside):
+        out, lse = ring.forward(qs, k, v, qside)
+        out = out.astype(qs[0].dtype)
+        return out, (qs, k, v, qside, out, lse)
 
     def bwd(res, dout):
-        q, k, v, seg, out, lse = res
-        dq, dk, dv = ring.backward(q, k, v, seg, out, lse, dout)
-        dseg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dseg
+        qs, k, v, qside, out, lse = res
+        dqs, dk, dv = ring.backward(qs, k, v, qside, out, lse, dout)
+        return (tuple(dq.astype(q.dtype) for dq, q in zip(dqs, qs, strict=True)), dk.astype(k.dtype),
+                dv.astype(v.dtype), jax.tree.map(_zero_cotangent, qside))
 
     local.defvjp(fwd, bwd)
-    if has_seg:
-        return local
-    return lambda q, k, v: local(q, k, v, None)
+    return local
 
 
 def _axis_size(mesh, name):
@@ -269,6 +285,45 @@ def _specs(mesh, q, k, axis_name):
     return P(batch, axis_name, heads, None), P(batch, axis_name)
 
 
+def _ring_size(mesh, axis_name):
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+    n = 1 if mesh is None or mesh.empty else _axis_size(mesh, axis_name)
+    return mesh, n
+
+
+def _ring_call(qs, k, v, *, seg, pos, q_scale, mesh, n, axis_name, layout, spec_kw, block_size):
+    """shard_map the custom_vjp ring over `axis_name`; qs, k, v, seg, pos, q_scale are global arrays."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown ring layout {layout!r}; expected one of {LAYOUTS}")
+    t = qs[0].shape[1]
+    if qs[0].shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {qs[0].shape[2]} not a multiple of kv heads {k.shape[2]}")
+    if layout == "zigzag" and t % (2 * n):
+        raise ValueError(f"zigzag ring attention needs seq % (2 * ring size) == 0; got seq={t}, ring size={n}")
+    if t % n:
+        raise ValueError(f"ring attention needs seq % ring size == 0; got seq={t}, ring size={n}")
+    tl = t // n
+    blk = max(1, min(int(block_size), tl // 2 if layout == "zigzag" else tl))
+    spec = BlockSpec(block_q=blk, block_k=blk, **spec_kw)
+    x_spec, row_spec = _specs(mesh, qs[0], k, axis_name)
+    local = _make_local_fn(axis_name, n, layout, spec)
+    nv = len(qs)
+    present = [x is not None for x in (seg, pos, q_scale)]
+    side = [x for x in (seg, pos, q_scale) if x is not None]
+
+    def flat(*arrays):
+        qs_, (k_, v_), rest = arrays[:nv], arrays[nv:nv + 2], list(arrays[nv + 2:])
+        qside = tuple(rest.pop(0) if p else None for p in present)
+        return local(tuple(qs_), k_, v_, qside)
+
+    # check_vma=False: the custom_vjp's fwd/bwd run ppermute/axis_index on values whose
+    # varying-manual-axes type the custom_vjp rule does not propagate (spec §5.9).
+    fn = jax.shard_map(flat, mesh=mesh, in_specs=(x_spec,) * (nv + 2) + (row_spec,) * len(side), out_specs=x_spec,
+                       check_vma=False)
+    return fn(*qs, k, v, *side)
+
+
 def ring_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None, block_size=512, mesh=None,
                    axis_name="seq", layout="zigzag"):
     """Causal self-attention sequence-parallel over mesh axis `axis_name` (global arrays in, global out).
@@ -280,36 +335,43 @@ def ring_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None
     order.  `mesh`: default the mesh set with `jax.set_mesh` (abstract mesh).  Without a mesh or
     with a seq axis of size 1 this is `blockwise_attention`.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown ring layout {layout!r}; expected one of {LAYOUTS}")
-    if mesh is None:
-        mesh = jax.sharding.get_abstract_mesh()
-    n = 1 if mesh is None or mesh.empty else _axis_size(mesh, axis_name)
+    mesh, n = _ring_size(mesh, axis_name)
     if n == 1:
         return blockwise_attention(q, k, v, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale,
                                    block_size=block_size)
-    t, hd = q.shape[1], q.shape[3]
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
-    if layout == "zigzag" and t % (2 * n):
-        raise ValueError(f"zigzag ring attention needs seq % (2 * ring size) == 0; got seq={t}, ring size={n}")
-    if t % n:
-        raise ValueError(f"ring attention needs seq % ring size == 0; got seq={t}, ring size={n}")
-    scale = hd**-0.5 if scale is None else float(scale)
-    tl = t // n
-    blk = max(1, min(int(block_size), tl // 2 if layout == "zigzag" else tl))
-    spec = BlockSpec(scale=scale, block_q=blk, block_k=blk,
-                     sliding_window=None if sliding_window is None else int(sliding_window))
-    x_spec, seg_spec = _specs(mesh, q, k, axis_name)
-    has_seg = segment_ids is not None
-    local = _make_local_fn(axis_name, n, layout, spec, has_seg)
-    in_specs = (x_spec, x_spec, x_spec) + ((seg_spec,) if has_seg else ())
-    args = (q, k, v) + ((segment_ids.astype(jnp.int32),) if has_seg else ())
-    # check_vma=False: the custom_vjp's fwd/bwd run ppermute/axis_index on values whose
-    # varying-manual-axes type the custom_vjp rule does not propagate (spec §5.9).
-    fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=x_spec, check_vma=False)
-    return fn(*args)
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    spec_kw = dict(scale=scale, sliding_window=None if sliding_window is None else int(sliding_window))
+    return _ring_call((q,), k, v, seg=seg, pos=None, q_scale=None, mesh=mesh, n=n, axis_name=axis_name,
+                      layout=layout, spec_kw=spec_kw, block_size=block_size)
 
 
-__all__ = ["ring_attention", "zigzag_permutation", "zigzag_inverse_permutation", "to_zigzag", "from_zigzag",
-           "local_indices", "work_per_device"]
+def ring_dca_attention(q, k, v, *, positions, segment_ids=None, inv_freq, chunk_size, local_size,
+                       original_max_position_embeddings=0, scale=None, block_size=512, mesh=None, axis_name="seq",
+                       layout="zigzag"):
+    """Dual Chunk Attention (unrotated q/k, see `dca.dca_attention`) sequence-parallel over `axis_name`.
+
+    Keys are rotated once (`p mod Lc`) before the ring, the three query rotations stay local;
+    per (query, key) pair the kernel selects the branch from the travelling per-document
+    positions, so every ring step is one online-softmax update of the single DCA softmax.
+    Inputs in zig-zag order for `layout="zigzag"` (positions permuted with the tokens).
+    """
+    from qwen_jax.attention import dca as dca_lib
+
+    mesh, n = _ring_size(mesh, axis_name)
+    kw = dict(positions=positions, segment_ids=segment_ids, inv_freq=inv_freq, chunk_size=chunk_size,
+              local_size=local_size, original_max_position_embeddings=original_max_position_embeddings, scale=scale)
+    if n == 1:
+        return dca_lib.dca_blockwise(q, k, v, block_size=block_size, **kw)
+    positions = dca_lib._check(q, k, positions, chunk_size, local_size)
+    qs, kr = dca_lib._rotations(q, k, positions, inv_freq, chunk_size, local_size)
+    q_scale = dca_lib._row_scale(positions, segment_ids, original_max_position_embeddings)
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    spec_kw = dict(scale=scale, chunk_len=chunk_size - local_size)
+    return _ring_call(qs, kr, v, seg=seg, pos=positions, q_scale=q_scale, mesh=mesh, n=n, axis_name=axis_name,
+                      layout=layout, spec_kw=spec_kw, block_size=block_size)
+
+
+__all__ = ["ring_attention", "ring_dca_attention", "zigzag_permutation", "zigzag_inverse_permutation", "to_zigzag",
+           "from_zigzag", "local_indices", "work_per_device"]
