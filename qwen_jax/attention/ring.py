@@ -95,6 +95,14 @@ def work_per_device(seq_len: int, n: int, layout: str) -> list[int]:
     return counts
 
 
+def step_work_per_device(seq_len: int, n: int, layout: str) -> list[int]:
+    """(query, key) pairs each device *evaluates* over the ring, following the step kinds the
+    kernel selects (diagonal / first-half KV / second-half queries / skip)."""
+    tl = seq_len // n
+    sizes = {_ALL: tl * tl, _KV_FIRST_HALF: tl * (tl // 2), _Q_SECOND_HALF: (tl // 2) * tl, _SKIP: 0}
+    return [sum(sizes[int(_step_kind(layout, t, d, n))] for t in range(n)) for d in range(n)]
+
+
 # ----------------------------------------------------------------------------------------------
 # the per-device ring (runs inside shard_map)
 
@@ -374,4 +382,4 @@ def ring_dca_attention(q, k, v, *, positions, segment_ids=None, inv_freq, chunk_
 
 
 __all__ = ["ring_attention", "ring_dca_attention", "zigzag_permutation", "zigzag_inverse_permutation", "to_zigzag",
-           "from_zigzag", "local_indices", "work_per_device"]
+           "from_zigzag", "local_indices", "work_per_device", "step_work_per_device"]
