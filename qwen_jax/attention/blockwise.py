@@ -353,7 +353,7 @@ def blockwise_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale
     spec = BlockSpec(scale=scale, block_q=int(block_size), block_k=int(block_size),
                      sliding_window=None if sliding_window is None else int(sliding_window))
     idx = jnp.arange(t, dtype=jnp.int32)
-    seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    seg = None if segment_ids is None else jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), q.shape[:2])
     aux = BlockAux(q_index=idx, kv_index=idx, q_seg=seg, kv_seg=seg)
     out, lse = block_attention((q,), k, v, aux, spec)
     return (out, lse) if return_lse else out

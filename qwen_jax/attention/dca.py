@@ -133,6 +133,11 @@ def _row_scale(positions, segment_ids, original):
     return sigma * sigma
 
 
+def _broadcast_rows(x, q):
+    """[b, T] (or [1, T] / [T]) int32 row array broadcast to q's [batch, seq]; None stays None."""
+    return None if x is None else jnp.broadcast_to(jnp.asarray(x, jnp.int32), q.shape[:2])
+
+
 def _check(q, k, positions, chunk_size, local_size):
     if chunk_size - local_size <= 0:
         raise ValueError(f"DCA needs chunk_size > local_size, got {chunk_size}, {local_size}")
@@ -141,7 +146,7 @@ def _check(q, k, positions, chunk_size, local_size):
     b, t = q.shape[:2]
     if positions is None:
         positions = jnp.arange(t, dtype=jnp.int32)
-    return jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
+    return _broadcast_rows(positions, q)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,6 +157,7 @@ def dca_dense(q, k, v, *, positions, segment_ids=None, inv_freq, chunk_size, loc
               original_max_position_embeddings=0, scale=None):
     """Dense O(T²) DCA: three logit matrices, per-pair branch selection, one softmax (float32)."""
     positions = _check(q, k, positions, chunk_size, local_size)
+    segment_ids = _broadcast_rows(segment_ids, q)
     b, t, h, d = q.shape
     kvh = k.shape[2]
     g = h // kvh
@@ -187,9 +193,9 @@ def dca_blockwise(q, k, v, *, positions, segment_ids=None, inv_freq, chunk_size,
     spec = BlockSpec(scale=scale, block_q=int(block_size), block_k=int(block_size),
                      chunk_len=chunk_size - local_size)
     idx = jnp.arange(t, dtype=jnp.int32)
-    seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    seg = _broadcast_rows(segment_ids, q)
     aux = BlockAux(q_index=idx, kv_index=idx, q_seg=seg, kv_seg=seg, q_pos=positions, kv_pos=positions,
-                   q_scale=_row_scale(positions, segment_ids, original_max_position_embeddings))
+                   q_scale=_row_scale(positions, seg, original_max_position_embeddings))
     out, lse = block_attention(qs, kr, v, aux, spec)
     return (out, lse) if return_lse else out
 

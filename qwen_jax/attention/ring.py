@@ -348,7 +348,7 @@ def ring_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None
         return blockwise_attention(q, k, v, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale,
                                    block_size=block_size)
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
-    seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    seg = None if segment_ids is None else jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), q.shape[:2])
     spec_kw = dict(scale=scale, sliding_window=None if sliding_window is None else int(sliding_window))
     return _ring_call((q,), k, v, seg=seg, pos=None, q_scale=None, mesh=mesh, n=n, axis_name=axis_name,
                       layout=layout, spec_kw=spec_kw, block_size=block_size)
@@ -373,9 +373,9 @@ def ring_dca_attention(q, k, v, *, positions, segment_ids=None, inv_freq, chunk_
         return dca_lib.dca_blockwise(q, k, v, block_size=block_size, **kw)
     positions = dca_lib._check(q, k, positions, chunk_size, local_size)
     qs, kr = dca_lib._rotations(q, k, positions, inv_freq, chunk_size, local_size)
-    q_scale = dca_lib._row_scale(positions, segment_ids, original_max_position_embeddings)
+    seg = dca_lib._broadcast_rows(segment_ids, q)
+    q_scale = dca_lib._row_scale(positions, seg, original_max_position_embeddings)
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
-    seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
     spec_kw = dict(scale=scale, chunk_len=chunk_size - local_size)
     return _ring_call(qs, kr, v, seg=seg, pos=positions, q_scale=q_scale, mesh=mesh, n=n, axis_name=axis_name,
                       layout=layout, spec_kw=spec_kw, block_size=block_size)
