@@ -364,17 +364,17 @@ def ring_dca_attention(q, k, v, *, positions, segment_ids=None, inv_freq, chunk_
     positions, so every ring step is one online-softmax update of the single DCA softmax.
     Inputs in zig-zag order for `layout="zigzag"` (positions permuted with the tokens).
     """
-    from qwen_jax.attention import dca as dca_lib
+    from qwen_jax.attention.dca import _broadcast_rows, _check, _rotations, _row_scale, dca_blockwise
 
     mesh, n = _ring_size(mesh, axis_name)
     kw = dict(positions=positions, segment_ids=segment_ids, inv_freq=inv_freq, chunk_size=chunk_size,
               local_size=local_size, original_max_position_embeddings=original_max_position_embeddings, scale=scale)
     if n == 1:
-        return dca_lib.dca_blockwise(q, k, v, block_size=block_size, **kw)
-    positions = dca_lib._check(q, k, positions, chunk_size, local_size)
-    qs, kr = dca_lib._rotations(q, k, positions, inv_freq, chunk_size, local_size)
-    seg = dca_lib._broadcast_rows(segment_ids, q)
-    q_scale = dca_lib._row_scale(positions, seg, original_max_position_embeddings)
+        return dca_blockwise(q, k, v, block_size=block_size, **kw)
+    positions = _check(q, k, positions, chunk_size, local_size)
+    qs, kr = _rotations(q, k, positions, inv_freq, chunk_size, local_size)
+    seg = _broadcast_rows(segment_ids, q)
+    q_scale = _row_scale(positions, seg, original_max_position_embeddings)
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     spec_kw = dict(scale=scale, chunk_len=chunk_size - local_size)
     return _ring_call(qs, kr, v, seg=seg, pos=positions, q_scale=q_scale, mesh=mesh, n=n, axis_name=axis_name,
