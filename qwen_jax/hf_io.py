@@ -176,6 +176,7 @@ class TensorReader:
         self.folder = folder
         self.files = weight_files(folder)
         self._open: dict[str, object] = {}
+        self._layouts: dict[str, tuple[int, dict]] = {}
 
     def _handle(self, file: str):
         from safetensors import safe_open
@@ -193,10 +194,47 @@ class TensorReader:
     def dtype(self, name: str) -> str:
         return self._handle(self.files[name]).get_slice(name).get_dtype()
 
+    def _layout(self, file: str) -> tuple[int, dict]:
+        """(data start, header) of a file, parsed once; offsets are checked against the file size."""
+        if file not in self._layouts:
+            self._handle(file)  # safetensors validates the header first
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            size = os.path.getsize(file)
+            for key, entry in header.items():
+                if key != "__metadata__" and 8 + n + entry["data_offsets"][1] > size:
+                    raise CheckpointError(f"{file}: truncated (tensor {key!r} ends past the end of the file)")
+            self._layouts[file] = (8 + n, header)
+        return self._layouts[file]
+
+    def _pread(self, name: str, start_row: int | None = None, stop_row: int | None = None) -> np.ndarray:
+        """Plain reads, not mmap: pages of a mapped file would count towards this process's RSS."""
+        file = self.files[name]
+        base, header = self._layout(file)
+        entry = header[name]
+        dtype = np.dtype(_ml(_ST_TO_NUMPY[entry["dtype"]])) if entry["dtype"] in _ST_TO_NUMPY else None
+        if dtype is None:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        shape = list(entry["shape"])
+        begin, _ = entry["data_offsets"]
+        if start_row is not None:
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            stop_row = min(stop_row, shape[0])
+            begin += start_row * row
+            shape[0] = max(0, stop_row - start_row)
+        count = int(np.prod(shape, dtype=np.int64))
+        out = np.fromfile(file, dtype=np.uint8, count=count * dtype.itemsize, offset=base + begin)
+        if out.size != count * dtype.itemsize:
+            raise CheckpointError(f"{file}: truncated while reading tensor {name!r}")
+        return out.view(dtype).reshape(shape)
+
     def read(self, name: str) -> np.ndarray:
         file = self.files[name]
         try:
-            return self._handle(file).get_tensor(name)
+            return self._pread(name)
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
 
@@ -204,7 +242,9 @@ class TensorReader:
         """Rows [start, stop) of a tensor (first axis), without reading the rest."""
         file = self.files[name]
         try:
-            return self._handle(file).get_slice(name)[start:stop]
+            return self._pread(name, start, stop)
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
 
@@ -212,15 +252,24 @@ class TensorReader:
         code = self.dtype(name)
         if code not in _ST_TO_NUMPY:
             raise CheckpointError(f"{self.files[name]}: tensor {name!r} has unsupported dtype {code}")
-        return np.dtype(_ST_TO_NUMPY[code])
+        return np.dtype(_ml(_ST_TO_NUMPY[code]))
 
     def close(self):
         self._open.clear()
+        self._layouts.clear()
 
 
 # ---------------------------------------------------------------- safetensors writing (streaming)
 _ST_TO_NUMPY = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 _NUMPY_TO_ST = {v: k for k, v in _ST_TO_NUMPY.items()}
+
+
+def _ml(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return name
 
 
 def safetensors_dtype(dtype) -> str:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -484,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     from qwen_jax.hf_io import CheckpointError
 
     args = build_parser().parse_args(argv)
+    # SIGTERM -> SystemExit, so the temporary output folder is removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     with contextlib.suppress(ImportError):
         from absl import logging as absl_logging
