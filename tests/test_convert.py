@@ -44,7 +44,7 @@ MODELS = {
 
 
 def _make_hf(folder: str, model_type: str, tied: bool, dtype, shard) -> None:
-    common = dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=tied,
                   rope_theta=1e6, eos_token_id=[151645, 151643], bos_token_id=151643)
     if model_type == "qwen2":
@@ -208,7 +208,7 @@ def test_training_checkpoint_params_only(models, work):
         np.testing.assert_array_equal(doubled[n], (x.astype(np.float32) * 2).astype(x.dtype))
     with pytest.raises(convert.ConvertError, match="no step 3"):
         convert.orbax_to_hf(ckpt, str(work / "train_export_3"), step=3)
-    assert cf.restore_params(ckpt, step=1)["embed_tokens"]["embedding"].shape == (160, 32)
+    assert cf.restore_params(ckpt, step=1)["embed_tokens"]["embedding"].shape == (151936, 32)
 
 
 # ---------------------------------------------------------------- bad input
