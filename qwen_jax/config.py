@@ -387,6 +387,8 @@ def num_params(cfg: QwenConfig, include_embedding: bool = True) -> int:
     attn = e * h * d + 2 * e * kv * d + h * d * e
     if cfg.attention_bias:
         attn += h * d + 2 * kv * d
+        if cfg.model_type == "qwen3":  # Qwen3's attention_bias also gives o_proj a bias
+            attn += e
     if cfg.qk_norm:
         attn += 2 * d
     layer = attn + 3 * e * m + 2 * e

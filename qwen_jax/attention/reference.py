@@ -17,7 +17,8 @@ def xla_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, sliding_win
     """Softmax(scale * q k^T + mask) v.
 
     `segment_ids` [batch, q_seq] (and `kv_segment_ids` [batch, kv_seq], default the same):
-    tokens attend only within their own segment (packed documents).  `sliding_window`: a key is visible iff 0 <= q_index - k_index < window.
+    tokens attend only within their own segment (packed documents).
+    `sliding_window`: a key is visible iff 0 <= q_index - k_index < window.
     `q_offset`: index of the first query relative to the first key (for blocks).
     Returns `out` (and the natural-log log-sum-exp [batch, seq, heads] if asked).
     """
