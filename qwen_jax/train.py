@@ -185,7 +185,8 @@ def model_config(config):
     if unknown:
         raise ConfigKeyError(f"config key 'model.overrides': unknown model key(s) {unknown}; valid: {sorted(valid)}")
     if not m.init_from:
-        return config_from_dict(get_preset(m.preset), source=f"preset {m.preset!r}", **run, **arch), "preset", run | arch
+        cfg = config_from_dict(get_preset(m.preset), source=f"preset {m.preset!r}", **run, **arch)
+        return cfg, "preset", run | arch
     kind = init_source(m.init_from)
     return load_hf_config(os.path.join(m.init_from, "config.json"), **run, **arch), kind, run | arch
 
