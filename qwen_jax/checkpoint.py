@@ -50,7 +50,10 @@ def _data_args(iterator, save: bool):
 
 
 def _is_grain(iterator) -> bool:
-    return type(iterator).__module__.split(".")[0] == "grain"
+    """grain iterators (incl. qwen_jax.data's BatchIterator) save one state file per process via grain's handler."""
+    import grain
+
+    return isinstance(iterator, grain.DatasetIterator) or type(iterator).__module__.split(".")[0] == "grain"
 
 
 class Checkpointer:

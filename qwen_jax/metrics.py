@@ -67,10 +67,9 @@ class MetricsLogger:
     Only process 0 writes.  Floats in metrics.jsonl are Python's exact repr of the float32 values.
     """
 
-    def __init__(self, workdir: str, *, flops_per_token: float, peak_flops: float | None, num_devices: int,
-                 log_every: int = 1, enabled: bool = True):
+    def __init__(self, workdir: str, *, peak_flops: float | None, num_devices: int, log_every: int = 1,
+                 enabled: bool = True):
         self.enabled = enabled
-        self.flops_per_token = flops_per_token
         self.peak_total = peak_flops * num_devices if peak_flops else None
         self.log_every = max(1, int(log_every))
         self.writer = None
@@ -82,11 +81,12 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
 
-    def log(self, step: int, metrics: dict, *, step_time: float, tokens: int, total_steps: int) -> dict:
+    def log(self, step: int, metrics: dict, *, step_time: float, tokens: int, total_steps: int,
+            flops_per_token: float) -> dict:
         out = {k: float(v) for k, v in metrics.items()}
         out["step_time"] = step_time
         out["tokens_per_sec"] = tokens / step_time if step_time > 0 else 0.0
-        out["mfu"] = (self.flops_per_token * out["tokens_per_sec"] / self.peak_total) if self.peak_total else None
+        out["mfu"] = (flops_per_token * out["tokens_per_sec"] / self.peak_total) if self.peak_total else None
         if not self.enabled:
             return out
         self.jsonl.write(json.dumps({"step": step, **out}) + "\n")

@@ -253,8 +253,9 @@ def run(config, workdir: str) -> int:
     else:
         from qwen_jax.data import make_pipeline
 
-        data_iter = make_pipeline(config.data, process_index=pidx, process_count=pcount)
-        data_iter = iter(data_iter)
+        if source == "hf" and not config.data.get("model_dir", "x"):
+            config.data.model_dir = config.model.init_from  # stop ids from the model's generation_config.json
+        data_iter = make_pipeline(config.data, process_index=pidx, process_count=pcount).iterator()
 
     # ---- state: resume, or init
     ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
@@ -280,8 +281,7 @@ def run(config, workdir: str) -> int:
         del params
         say(f"initialised from {source}; checkpoints in {ckpt_dir}")
     if pidx == 0:
-        tokenizer = config.data.get("tokenizer", None) if "data" in config else None
-        tok_dir = tokenizer if isinstance(tokenizer, str) and os.path.isdir(tokenizer) else None
+        tok_dir = None if config.synthetic_data else _tokenizer_dir(config.data)
         ckpt_lib.write_side_files(ckpt_dir, cfg, hf_source=config.model.init_from if source != "preset" else None,
                                   tokenizer_dir=tok_dir)
 
@@ -289,8 +289,7 @@ def run(config, workdir: str) -> int:
                                     chunk_size=int(config.loss.chunk_size), z_loss=float(config.loss.z_loss),
                                     grad_accum_steps=accum)
     logger = metrics_lib.MetricsLogger(
-        workdir, flops_per_token=metrics_lib.flops_per_token(cfg, seq_len),
-        peak_flops=metrics_lib.peak_flops_per_device(float(config.peak_flops_per_device)),
+        workdir, peak_flops=metrics_lib.peak_flops_per_device(float(config.peak_flops_per_device)),
         num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0)
     config_json = json.loads(config.to_json_best_effort())
 
@@ -301,7 +300,6 @@ def run(config, workdir: str) -> int:
     guard = ckpt_lib.PreemptionGuard()
     step = int(jax.device_get(state["step"]))
     total = int(config.total_steps)
-    tokens = gbs * seq_len
     t_last = time.perf_counter()
     exit_code = 0
     while step < total:
@@ -312,7 +310,9 @@ def run(config, workdir: str) -> int:
         step += 1
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
-        logger.log(step, metrics, step_time=now - t_last, tokens=tokens, total_steps=total)
+        rows, length = batch["input_ids"].shape  # the data schedule may change them
+        logger.log(step, metrics, step_time=now - t_last, tokens=rows * length, total_steps=total,
+                   flops_per_token=metrics_lib.flops_per_token(cfg, length))
         t_last = now
         if step % int(config.save_every) == 0 or step == total:
             save(step)
@@ -330,6 +330,16 @@ def run(config, workdir: str) -> int:
         if config.export_hf:
             export_hf(ckpt_dir, config.export_hf_dir or os.path.join(workdir, "hf_export"), total)
     return exit_code
+
+
+def _tokenizer_dir(data_cfg) -> str | None:
+    """The tokenizer folder the data pipeline uses (copied next to the checkpoints)."""
+    try:
+        from qwen_jax.data.tokenization import tokenizer_dir
+    except ImportError:
+        return None
+    folder = tokenizer_dir(data_cfg.get("tokenizer", ""))
+    return folder if folder and os.path.isdir(folder) else None
 
 
 def _preempted(guard, ckpt, step: int) -> bool:
