@@ -1,0 +1,1 @@
+"""Command-line tools for qwen_jax (config linter, checkpoint converter)."""
