@@ -374,6 +374,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
+    if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO through absl: keep stdout readable
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)
     init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from qwen_jax.config import ConfigError
     from qwen_jax.trainer.optimizer import FreezeError

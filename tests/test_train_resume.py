@@ -121,3 +121,34 @@ def test_resume_when_already_done_is_a_no_op(reference):
     result = tl.run(workdir)
     assert result.returncode == 0 and f"step {TOTAL}" in result.stdout
     assert tl.losses(workdir) == ref
+
+
+def _has_pipeline() -> bool:
+    try:
+        import qwen_jax.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_pipeline(), reason="qwen_jax.data (issue 6) not merged yet")
+def test_demo_pipeline_sigkill_resumes_exactly(tmp_path):
+    """The real pipeline (bundled chat set, Qwen tokenizer, grain iterator state in the checkpoint)."""
+    args = ["--config=configs/demo.py", "--config.data.seq_len=64", "--config.data.global_batch_size=4",
+            "--config.total_steps=8", "--config.save_every=3", "--config.export_hf=false"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    result = tl.run(ref_dir, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ref = tl.losses(ref_dir)
+    assert sorted(ref) == list(range(1, 9))
+    proc = tl.launch(run_dir, *args, log=tmp_path / "run1.log")
+    _wait_for_step(proc, run_dir, random.Random().randint(4, 7))
+    while not _complete_checkpoints(run_dir):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resume_from = max(_complete_checkpoints(run_dir))
+    result = tl.run(run_dir, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"step {resume_from}" in result.stdout
+    assert tl.losses(run_dir) == ref

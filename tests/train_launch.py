@@ -38,7 +38,9 @@ def env(devices: int = 2, **extra) -> dict:
 
 
 def command(workdir, *extra_args) -> list[str]:
-    return [sys.executable, "-m", "qwen_jax.train", f"--workdir={workdir}", *TINY_ARGS, *extra_args]
+    """TINY_ARGS, or only `extra_args` when they name their own --config file."""
+    base = [] if any(a.startswith("--config=") for a in extra_args) else TINY_ARGS
+    return [sys.executable, "-m", "qwen_jax.train", f"--workdir={workdir}", *base, *extra_args]
 
 
 def launch(workdir, *extra_args, devices: int = 2, log=None, **env_extra) -> subprocess.Popen:
