@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -175,12 +176,16 @@ class TensorReader:
         self.folder = folder
         self.files = weight_files(folder)
         self._open: dict[str, object] = {}
+        self._layouts: dict[str, tuple[int, dict]] = {}
 
     def _handle(self, file: str):
         from safetensors import safe_open
 
         if file not in self._open:
-            self._open[file] = safe_open(file, framework="numpy")
+            try:
+                self._open[file] = safe_open(file, framework="numpy")
+            except Exception as e:  # truncated / corrupt header
+                raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
         return self._open[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -189,15 +194,161 @@ class TensorReader:
     def dtype(self, name: str) -> str:
         return self._handle(self.files[name]).get_slice(name).get_dtype()
 
+    def _layout(self, file: str) -> tuple[int, dict]:
+        """(data start, header) of a file, parsed once; offsets are checked against the file size."""
+        if file not in self._layouts:
+            self._handle(file)  # safetensors validates the header first
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            size = os.path.getsize(file)
+            for key, entry in header.items():
+                if key != "__metadata__" and 8 + n + entry["data_offsets"][1] > size:
+                    raise CheckpointError(f"{file}: truncated (tensor {key!r} ends past the end of the file)")
+            self._layouts[file] = (8 + n, header)
+        return self._layouts[file]
+
+    def _pread(self, name: str, start_row: int | None = None, stop_row: int | None = None) -> np.ndarray:
+        """Plain reads, not mmap: pages of a mapped file would count towards this process's RSS."""
+        file = self.files[name]
+        base, header = self._layout(file)
+        entry = header[name]
+        dtype = np.dtype(_ml(_ST_TO_NUMPY[entry["dtype"]])) if entry["dtype"] in _ST_TO_NUMPY else None
+        if dtype is None:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        shape = list(entry["shape"])
+        begin, _ = entry["data_offsets"]
+        if start_row is not None:
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            stop_row = min(stop_row, shape[0])
+            begin += start_row * row
+            shape[0] = max(0, stop_row - start_row)
+        count = int(np.prod(shape, dtype=np.int64))
+        out = np.fromfile(file, dtype=np.uint8, count=count * dtype.itemsize, offset=base + begin)
+        if out.size != count * dtype.itemsize:
+            raise CheckpointError(f"{file}: truncated while reading tensor {name!r}")
+        return out.view(dtype).reshape(shape)
+
     def read(self, name: str) -> np.ndarray:
         file = self.files[name]
         try:
-            return self._handle(file).get_tensor(name)
+            return self._pread(name)
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor (first axis), without reading the rest."""
+        file = self.files[name]
+        try:
+            return self._pread(name, start, stop)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+
+    def numpy_dtype(self, name: str) -> np.dtype:
+        code = self.dtype(name)
+        if code not in _ST_TO_NUMPY:
+            raise CheckpointError(f"{self.files[name]}: tensor {name!r} has unsupported dtype {code}")
+        return np.dtype(_ml(_ST_TO_NUMPY[code]))
+
     def close(self):
         self._open.clear()
+        self._layouts.clear()
+
+
+# ---------------------------------------------------------------- safetensors writing (streaming)
+_ST_TO_NUMPY = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+_NUMPY_TO_ST = {v: k for k, v in _ST_TO_NUMPY.items()}
+
+
+def _ml(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return name
+
+
+def safetensors_dtype(dtype) -> str:
+    name = np.dtype(dtype).name
+    if name not in _NUMPY_TO_ST:
+        raise CheckpointError(f"cannot write dtype {name} to safetensors (supported: {sorted(_NUMPY_TO_ST)})")
+    return _NUMPY_TO_ST[name]
+
+
+class SafetensorsWriter:
+    """Writes one .safetensors file tensor by tensor (or row band by row band): the header is
+    computed up front from (name, shape, dtype), then data is appended in that order, so only
+    the block being written is ever in memory.  The result is a standard safetensors file."""
+
+    def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...], object]], metadata=None):
+        import struct
+
+        header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self._order: list[tuple[str, int]] = []
+        offset = 0
+        for name, shape, dtype in entries:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            header[name] = {"dtype": safetensors_dtype(dtype), "shape": [int(d) for d in shape],
+                            "data_offsets": [offset, offset + nbytes]}
+            self._order.append((name, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        self.path = path
+        self._dtypes = {name: np.dtype(dtype) for name, _, dtype in entries}
+        self._f = open(path, "wb")  # noqa: SIM115 (closed in close())
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+        self._index = 0
+        self._written = 0
+
+    def write(self, name: str, block: np.ndarray) -> None:
+        """Append (part of) tensor `name`; parts must come in order and add up to the whole tensor."""
+        if self._index >= len(self._order) or self._order[self._index][0] != name:
+            expected = self._order[self._index][0] if self._index < len(self._order) else None
+            raise ValueError(f"{self.path}: wrote {name!r} out of order (expected {expected!r})")
+        if np.dtype(block.dtype) != self._dtypes[name]:
+            raise ValueError(f"{self.path}: {name!r} block is {block.dtype}, header says {self._dtypes[name]}")
+        data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+        self._f.write(data)
+        self._written += data.nbytes
+        total = self._order[self._index][1]
+        if self._written > total:
+            raise ValueError(f"{self.path}: {name!r} got more bytes than its shape holds")
+        if self._written == total:
+            self._index += 1
+            self._written = 0
+
+    def close(self) -> None:
+        complete = self._index == len(self._order)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        if not complete:
+            raise ValueError(f"{self.path}: closed before all tensors were written")
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500*2**20 (transformers' convention), ints pass through."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"cannot parse size {size!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
+    unit = m.group(2) or "B"
+    factors = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    if unit not in factors:
+        raise ValueError(f"cannot parse size {size!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
+    factor = factors[unit]
+    return int(float(m.group(1)) * factor)
 
 
 def check_tensors(cfg: QwenConfig, reader: TensorReader, abstract: dict[tuple, jax.ShapeDtypeStruct],

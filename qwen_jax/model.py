@@ -36,6 +36,14 @@ REMAT_POLICIES = {
 }
 
 
+def ring_size(cfg: QwenConfig) -> int:
+    """Size of the `seq` mesh axis the ring runs over (1 when ring attention is off or no mesh is set)."""
+    if cfg.attention != "ring":
+        return 1
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or "seq" not in mesh.axis_names else int(mesh.shape["seq"])
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -76,12 +84,28 @@ class Qwen(nnx.Module):
                                   rngs=rngs)
 
     # ---- pieces, so training can compute a chunked loss from hidden states ----
-    def hidden_states(self, input_ids, positions=None, segment_ids=None):
-        """Final-norm hidden states [batch, seq, embed] in the compute dtype."""
+    def hidden_states(self, input_ids, positions=None, segment_ids=None, *, zigzag=False):
+        """Final-norm hidden states [batch, seq, embed] in the compute dtype.
+
+        With ring attention on a `seq` mesh axis of size n, the sequence must be in zig-zag
+        order (device i holds chunks i and 2n-1-i: equal causal work everywhere).  Inputs in
+        natural order are permuted here and the output permuted back; a trainer that has
+        already permuted tokens, positions, segment ids and targets together passes
+        `zigzag=True` (then `positions` are required: they cannot be regenerated).
+        """
         cfg = self.cfg
         b, t = input_ids.shape
+        ring = ring_size(cfg)
+        if zigzag and positions is None:
+            raise ValueError("zigzag=True needs the permuted positions (arange after permutation is wrong)")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if ring > 1 and not zigzag:
+            from qwen_jax.attention.ring import from_zigzag, to_zigzag
+
+            permute = lambda x: None if x is None else to_zigzag(x, ring, axis=1)
+            hidden = self.hidden_states(permute(input_ids), permute(positions), permute(segment_ids), zigzag=True)
+            return from_zigzag(hidden, ring, axis=1)
         x = self.embed_tokens(input_ids)
         rope = self._rope(positions, x.dtype)
         graphdef, state = nnx.split(self.layers)

@@ -24,6 +24,10 @@ import dataclasses
 import jax
 import numpy as np
 
+# Import the `dca` submodule *before* defining the `dca()` function below: the first import of
+# a submodule binds it as a package attribute, which would otherwise replace the function
+# (e.g. after the lazy import inside `dca()` itself, a second `attention.dca(...)` call failed).
+from qwen_jax.attention import dca as _dca_module  # noqa: F401
 from qwen_jax.attention.reference import xla_attention
 
 
@@ -74,7 +78,7 @@ def attend(q, k, v, *, impl="xla", segment_ids=None, sliding_window=None, scale=
 
 def dca(q, k, v, *, ctx: DcaContext, positions, segment_ids=None, impl="xla", block_size=512):
     """Dual Chunk Attention on unrotated q/k (spec §4)."""
-    from qwen_jax.attention.dca import dca_attention
+    from qwen_jax.attention.dca import dca_attention  # sys.modules lookup: never the package attribute
 
     return dca_attention(q, k, v, positions=positions, segment_ids=segment_ids, inv_freq=ctx.inv_freq,
                          chunk_size=ctx.chunk_size, local_size=ctx.local_size,

@@ -1,0 +1,456 @@
+"""qwen-convert: HF -> Orbax -> HF round trips, transformers/qwen_jax loading, dtype options, bad input, CLI."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from qwen_jax import checkpoint_format as cf  # noqa: E402
+from qwen_jax import from_pretrained  # noqa: E402
+from qwen_jax.config import ConfigError, config_from_dict, load_hf_config  # noqa: E402
+from qwen_jax.hf_io import CheckpointError, TensorReader, abstract_model, parse_size  # noqa: E402
+from tools import convert  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER_FILES = {
+    "tokenizer_config.json": '{"model_max_length": 512, "eos_token": "<|im_end|>"}\n',
+    "vocab.json": '{"a": 0, "b": 1}\n',
+    "merges.txt": "#version: 0.2\na b\n",
+    "special_tokens_map.json": '{"eos_token": "<|im_end|>"}\n',
+}
+
+MODELS = {
+    # name: (model_type, tied, torch dtype, max_shard_size for save_pretrained or None)
+    "qwen2_tied_bf16_single": ("qwen2", True, torch.bfloat16, None),
+    "qwen2_untied_fp32_sharded": ("qwen2", False, torch.float32, "40KB"),
+    "qwen3_untied_bf16_sharded": ("qwen3", False, torch.bfloat16, "20KB"),
+    "qwen3_tied_fp32_single": ("qwen3", True, torch.float32, None),
+}
+
+
+def _make_hf(folder: str, model_type: str, tied: bool, dtype, shard) -> None:
+    common = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=tied,
+                  rope_theta=1e6, eos_token_id=[151645, 151643], bos_token_id=151643)
+    if model_type == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+    else:
+        cfg = transformers.Qwen3Config(head_dim=16, **common,
+                                       rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                     "original_max_position_embeddings": 1024})
+    torch.manual_seed(hash(folder) % 1000)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with torch.no_grad():  # make every tensor distinct (norms are all ones at init)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(folder, **kwargs)
+    model.generation_config.eos_token_id = [151645, 151643]
+    model.generation_config.save_pretrained(folder)
+    for name, text in TOKENIZER_FILES.items():
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("convert")
+
+
+@pytest.fixture(scope="module")
+def models(work):
+    """name -> (hf source, orbax checkpoint, hf export)."""
+    out = {}
+    for name, (model_type, tied, dtype, shard) in MODELS.items():
+        hf = str(work / name / "hf")
+        _make_hf(hf, model_type, tied, dtype, shard)
+        ox = convert.hf_to_orbax(hf, str(work / name / "orbax"))
+        back = convert.orbax_to_hf(ox, str(work / name / "hf_back"), max_shard_size="30KB")
+        out[name] = (hf, ox, back)
+    return out
+
+
+def _tensors(folder):
+    reader = TensorReader(folder)
+    return {n: reader.read(n) for n in reader.files}
+
+
+def _assert_identical(a_dir, b_dir, ignore=()):
+    a, b = _tensors(a_dir), _tensors(b_dir)
+    assert set(a) - set(ignore) == set(b) - set(ignore)
+    for n in set(a) - set(ignore):
+        assert a[n].dtype == b[n].dtype and a[n].shape == b[n].shape, n
+        assert a[n].tobytes() == b[n].tobytes(), n
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- round trips
+@pytest.mark.parametrize("name", list(MODELS))
+def test_roundtrip_bit_identical_and_config(models, name):
+    hf, ox, back = models[name]
+    _assert_identical(hf, back)
+    assert sorted(os.listdir(back)).count("model.safetensors.index.json") == 1
+    if MODELS[name][3]:
+        assert any(f.endswith("-of-00001.safetensors") is False and f.startswith("model-") for f in os.listdir(back))
+    # config: same semantics (and here: the very same file), generation config and tokenizer files kept
+    assert _read_json(os.path.join(back, "config.json")) == _read_json(os.path.join(hf, "config.json"))
+    assert load_hf_config(back) == load_hf_config(hf)
+    for side in ["generation_config.json", *TOKENIZER_FILES]:
+        with open(os.path.join(hf, side)) as f1, open(os.path.join(back, side)) as f2:
+            assert f1.read() == f2.read(), side
+        assert os.path.exists(os.path.join(ox, side))
+    assert os.listdir(ox) and "0" in os.listdir(ox)
+    assert not [f for f in os.listdir(os.path.dirname(back)) if ".tmp-" in f]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_transformers_loads_export(models, name):
+    hf, _, back = models[name]
+    src = transformers.AutoModelForCausalLM.from_pretrained(hf)
+    out, info = transformers.AutoModelForCausalLM.from_pretrained(back, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids = torch.tensor([[1, 5, 9, 33, 7, 100]])
+    with torch.no_grad():
+        assert torch.equal(src(ids).logits, out(ids).logits)
+
+
+def test_restored_orbax_params_match_from_pretrained(models):
+    for name in ("qwen2_tied_bf16_single", "qwen3_untied_bf16_sharded"):
+        hf, ox, back = models[name]
+        ref = from_pretrained(hf, param_dtype="keep")
+        cfg = load_hf_config(ox, param_dtype="bfloat16")
+        graphdef, abstract_state = abstract_model(cfg)
+        abstract_pure = nnx.to_pure_dict(abstract_state)
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        params = cf.restore_params(ox, abstract_pure=abstract_pure,
+                                   shardings=jax.tree.map(lambda _, s=sharding: s, abstract_pure))
+        assert jax.tree.structure(params) == jax.tree.structure(nnx.to_pure_dict(nnx.state(ref, nnx.Param)))
+        nnx.replace_by_pure_dict(abstract_state, params)
+        model = nnx.merge(graphdef, abstract_state)
+        ids = jnp.array([[1, 5, 9, 33, 7, 100]])
+        np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(ref(ids)))
+        again = from_pretrained(back, param_dtype="keep")
+        np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(ref(ids)))
+
+
+def test_plain_checkpoint_manager_restore(models):
+    import orbax.checkpoint as ocp
+
+    _, ox, _ = models["qwen2_untied_fp32_sharded"]
+    cfg = load_hf_config(ox)
+    _, abstract_state = abstract_model(cfg)
+    abstract_pure = nnx.to_pure_dict(abstract_state)
+    with ocp.CheckpointManager(ox) as mngr:
+        assert mngr.latest_step() == 0
+        restored = mngr.restore(0, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_pure)))
+    leaves = jax.tree.leaves(restored["params"])
+    assert leaves and all(x.dtype == np.float32 for x in leaves)
+
+
+def test_dtype_options(models, work):
+    hf, _, _ = models["qwen2_tied_bf16_single"]
+    ox32 = convert.hf_to_orbax(hf, str(work / "dt" / "orbax_fp32"), dtype="fp32")
+    reader = cf.ParamReader(ox32, 0)
+    assert all(reader.dtype(p) == np.float32 for p in reader.paths)
+    back16 = convert.orbax_to_hf(ox32, str(work / "dt" / "hf_bf16"), dtype="bf16")
+    _assert_identical(hf, back16)  # bf16 -> fp32 -> bf16 is exact
+    back32 = convert.orbax_to_hf(ox32, str(work / "dt" / "hf_fp32"))
+    cfg32 = _read_json(os.path.join(back32, "config.json"))
+    assert cfg32.get("dtype", cfg32.get("torch_dtype")) == "float32"
+    a, b = _tensors(hf), _tensors(back32)
+    for n in a:
+        assert b[n].dtype == np.float32
+        np.testing.assert_array_equal(a[n].astype(np.float32), b[n])
+
+
+def test_training_checkpoint_params_only(models, work):
+    """A trainer-style checkpoint (jax arrays, extra items, several steps) exports its params only."""
+    import orbax.checkpoint as ocp
+
+    hf, _, _ = models["qwen3_untied_bf16_sharded"]
+    ckpt = str(work / "train_ckpt")
+    model = from_pretrained(hf, param_dtype="keep")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    opt = jax.tree.map(jnp.zeros_like, params)
+    with ocp.CheckpointManager(ckpt) as mngr:
+        for step, scale in ((1, 1.0), (5, 2.0)):
+            p = jax.tree.map(lambda x, s=scale: (x * s).astype(x.dtype), params)
+            mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(p),
+                                                    opt_state=ocp.args.StandardSave({"mu": opt}),
+                                                    meta=ocp.args.JsonSave({"step": step})))
+        mngr.wait_until_finished()
+    for name in cf.side_files(hf):
+        shutil.copy(os.path.join(hf, name), ckpt)
+    latest = convert.orbax_to_hf(ckpt, str(work / "train_export_latest"))
+    first = convert.orbax_to_hf(ckpt, str(work / "train_export_1"), step=1)
+    _assert_identical(hf, first)
+    doubled = _tensors(latest)
+    for n, x in _tensors(hf).items():
+        np.testing.assert_array_equal(doubled[n], (x.astype(np.float32) * 2).astype(x.dtype))
+    with pytest.raises(convert.ConvertError, match="no step 3"):
+        convert.orbax_to_hf(ckpt, str(work / "train_export_3"), step=3)
+    assert cf.restore_params(ckpt, step=1)["embed_tokens"]["embedding"].shape == (151936, 32)
+
+
+# ---------------------------------------------------------------- bad input
+def _copy(src, dst):
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _assert_no_output(out):
+    parent = os.path.dirname(os.path.abspath(out))
+    assert not os.path.exists(out)
+    assert not [f for f in os.listdir(parent) if f.startswith(f".{os.path.basename(out)}.tmp-")]
+
+
+def _rewrite_single(folder, edit):
+    from safetensors.numpy import load_file, save_file
+
+    file = os.path.join(folder, "model.safetensors")
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_missing_extra_misshaped_tensors(models, work):
+    hf, _, _ = models["qwen2_tied_bf16_single"]
+    bad = _copy(hf, work / "bad_missing")
+    _rewrite_single(bad, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors \(1\): model.layers.1.mlp.up_proj.weight"):
+        convert.hf_to_orbax(bad, str(work / "out_missing"))
+    _assert_no_output(str(work / "out_missing"))
+
+    bad = _copy(hf, work / "bad_extra")
+    _rewrite_single(bad, lambda t: t.update({"model.layers.7.mlp.extra.weight": np.zeros((2, 2), np.float32)}))
+    with pytest.raises(CheckpointError, match="unexpected tensors.*model.layers.7.mlp.extra.weight"):
+        convert.hf_to_orbax(bad, str(work / "out_extra"))
+    _assert_no_output(str(work / "out_extra"))
+
+    bad = _copy(hf, work / "bad_shape")
+    cfg = _read_json(os.path.join(bad, "config.json"))
+    cfg["intermediate_size"] = 48
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(CheckpointError, match="disagrees with config.json.*mlp.gate_proj"):
+        convert.hf_to_orbax(bad, str(work / "out_shape"))
+    _assert_no_output(str(work / "out_shape"))
+
+
+def test_truncated_and_corrupt_safetensors(models, work):
+    hf, _, _ = models["qwen2_tied_bf16_single"]
+    bad = _copy(hf, work / "bad_trunc")
+    file = os.path.join(bad, "model.safetensors")
+    size = os.path.getsize(file)
+    with open(file, "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        convert.hf_to_orbax(bad, str(work / "out_trunc"))
+    _assert_no_output(str(work / "out_trunc"))
+    with open(file, "r+b") as f:
+        f.write(b"\xff" * 16)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        convert.hf_to_orbax(bad, str(work / "out_corrupt"))
+    _assert_no_output(str(work / "out_corrupt"))
+
+
+def test_unknown_model_type(models, work):
+    hf, ox, _ = models["qwen2_tied_bf16_single"]
+    bad = _copy(hf, work / "bad_type")
+    cfg = _read_json(os.path.join(bad, "config.json"))
+    cfg["model_type"] = "llama"
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ConfigError, match="model_type.*llama"):
+        convert.hf_to_orbax(bad, str(work / "out_type"))
+    _assert_no_output(str(work / "out_type"))
+
+
+def test_checkpoint_disagreeing_with_config(models, work):
+    _, ox, _ = models["qwen2_untied_fp32_sharded"]
+    bad = _copy(ox, work / "bad_ckpt_cfg")
+    cfg = _read_json(os.path.join(bad, "config.json"))
+    cfg["tie_word_embeddings"] = True
+    cfg["hidden_size"] = 64
+    cfg["num_attention_heads"] = 8
+    cfg["num_key_value_heads"] = 4
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(CheckpointError, match="unexpected parameters.*lm_head/kernel.*disagrees with config.json"):
+        convert.orbax_to_hf(bad, str(work / "out_ckpt_cfg"))
+    _assert_no_output(str(work / "out_ckpt_cfg"))
+
+
+def test_existing_output_refused_then_overwritten(models, work):
+    hf, ox, _ = models["qwen2_tied_bf16_single"]
+    out = work / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    for call in (lambda **kw: convert.hf_to_orbax(hf, str(out), **kw),
+                 lambda **kw: convert.orbax_to_hf(ox, str(out), **kw)):
+        with pytest.raises(convert.ConvertError, match="already exists.*--overwrite"):
+            call()
+        assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    convert.orbax_to_hf(ox, str(out), overwrite=True)
+    assert "keep.txt" not in os.listdir(out)
+    _assert_identical(hf, str(out))
+    with pytest.raises(convert.ConvertError, match="is the input folder"):
+        convert.orbax_to_hf(ox, ox, overwrite=True)
+
+
+def test_full_disk_leaves_nothing(models, work, monkeypatch):
+    from qwen_jax import hf_io
+
+    hf, ox, _ = models["qwen2_untied_fp32_sharded"]
+    calls = {"n": 0}
+    real_write = hf_io.SafetensorsWriter.write
+
+    def failing_write(self, name, block):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, name, block)
+
+    monkeypatch.setattr(hf_io.SafetensorsWriter, "write", failing_write)
+    out = str(work / "full_hf")
+    with pytest.raises(convert.ConvertError, match="no space left"):
+        convert.orbax_to_hf(ox, out, max_shard_size="20KB")
+    _assert_no_output(out)
+    monkeypatch.undo()
+
+    real_read = hf_io.TensorReader.read
+    calls["n"] = 0
+
+    def failing_read(self, name):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_read(self, name)
+
+    monkeypatch.setattr(hf_io.TensorReader, "read", failing_read)
+    out = str(work / "full_orbax")
+    with pytest.raises(convert.ConvertError, match="no space left"):
+        convert.hf_to_orbax(hf, out)
+    _assert_no_output(out)
+
+
+def test_pickled_only_folder_refused(work):
+    folder = work / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 32,
+                                                    "num_attention_heads": 4, "num_hidden_layers": 1,
+                                                    "intermediate_size": 64, "vocab_size": 128}))
+    (folder / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(CheckpointError, match=r"refusing to unpickle.*save_pretrained\(out, safe_serialization=True"):
+        convert.hf_to_orbax(str(folder), str(work / "out_pickled"))
+    _assert_no_output(str(work / "out_pickled"))
+
+
+def test_no_trust_remote_code_anywhere():
+    for path in ("tools/convert.py", "qwen_jax/hf_io.py", "qwen_jax/checkpoint_format.py"):
+        with open(os.path.join(REPO, path)) as f:
+            assert "trust_remote_code=True" not in f.read()
+
+
+# ---------------------------------------------------------------- linter gate
+def test_lint_error_stops_export_unless_allowed(models, work, monkeypatch):
+    _, ox, _ = models["qwen2_tied_bf16_single"]
+    finding = {"rule": "rope-theta", "severity": "error", "file": "config.json", "line": 3, "key": "rope_theta",
+               "message": "simulated error", "fix": "set rope_theta"}
+    monkeypatch.setattr(convert, "run_linter", lambda folder: (1, [finding]))
+    out = str(work / "lint_out")
+    with pytest.raises(convert.ConvertError, match="(?s)lint errors.*--allow_lint_errors.*simulated error"):
+        convert.orbax_to_hf(ox, out)
+    _assert_no_output(out)
+    convert.orbax_to_hf(ox, out, allow_lint_errors=True)
+    assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+
+
+def test_linter_subprocess_contract(work, monkeypatch, tmp_path):
+    """run_linter calls `python -m tools.lint_config --format json DIR` and reads its JSON."""
+    fake_repo = tmp_path / "repo"
+    (fake_repo / "tools").mkdir(parents=True)
+    (fake_repo / "tools" / "__init__.py").write_text("")
+    (fake_repo / "tools" / "lint_config.py").write_text(
+        "import json, sys\n"
+        "assert sys.argv[1:3] == ['--format', 'json']\n"
+        "print(json.dumps({'findings': [{'rule': 'r', 'severity': 'error', 'file': 'config.json', 'line': 1,"
+        " 'key': 'k', 'message': 'm', 'fix': ''}], 'summary': {'errors': 1}}))\n"
+        "sys.exit(1)\n")
+    monkeypatch.setattr(convert, "REPO_ROOT", fake_repo)
+    code, findings = convert.run_linter(str(tmp_path))
+    assert code == 1 and findings[0]["severity"] == "error"
+    (fake_repo / "tools" / "lint_config.py").unlink()
+    assert convert.run_linter(str(tmp_path)) is None  # absent linter: skipped with a warning
+
+
+# ---------------------------------------------------------------- CLI and progress
+def _cli(*args):
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "tools.convert", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_exit_codes_and_plain_progress(models, work):
+    hf, _, _ = models["qwen3_tied_fp32_single"]
+    out = str(work / "cli_orbax")
+    ok = _cli("hf-to-orbax", "--hf_dir", hf, "--out_dir", out, "--dtype", "bf16")
+    assert ok.returncode == 0, ok.stderr
+    assert "\r" not in ok.stderr and "hf-to-orbax: done" in ok.stderr
+    again = _cli("hf-to-orbax", "--hf_dir", hf, "--out_dir", out)
+    assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    pickled = work / "cli_pickled"
+    pickled.mkdir()
+    shutil.copy(os.path.join(hf, "config.json"), pickled)
+    (pickled / "model.pt").write_bytes(b"x")
+    bad = _cli("hf-to-orbax", "--hf_dir", str(pickled), "--out_dir", str(work / "cli_out2"))
+    assert bad.returncode == 1 and "safetensors" in bad.stderr and "Traceback" not in bad.stderr
+    usage = _cli("orbax-to-hf", "--out_dir", "x")
+    assert usage.returncode == 2
+
+
+def test_progress_plain_lines_off_terminal():
+    stream = io.StringIO()
+    bar = convert.Progress("demo", total_tensors=4, total_bytes=400, stream=stream)
+    for _ in range(4):
+        bar.update(100, tensor_done=True)
+    bar.close()
+    text = stream.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("demo: 4 tensors") and lines[-1].startswith("demo: done, 4 tensors")
+    assert len(lines) >= 4
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("500MiB") == 500 * 2**20
+    assert parse_size(123) == 123
+    with pytest.raises(ValueError):
+        parse_size("five")
+
+
+def test_config_semantics_helper():
+    raw = {"model_type": "qwen2", "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 1,
+           "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 4096}
+    assert config_from_dict(raw).max_position_embeddings == 4096
