@@ -111,21 +111,10 @@ class Checkpointer:
 
 
 def restore_params(ckpt_dir: str, step: int | None, abstract_pure, shardings):
-    """Parameters (pure dict) of an Orbax checkpoint; conversion's `restore_params` when it is available."""
-    try:
-        from tools.convert import restore_params as convert_restore
-    except ImportError:
-        convert_restore = None
-    if convert_restore is not None:
-        return convert_restore(ckpt_dir, step=step, abstract_pure=abstract_pure, shardings=shardings)
-    manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{ckpt_dir}: no Orbax checkpoint steps found")
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_pure, shardings)
-    out = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    manager.close()
-    return out["params"]
+    """Parameters (pure dict) of an Orbax checkpoint directory, straight into `shardings` (conversion's reader)."""
+    from qwen_jax.checkpoint_format import restore_params as format_restore
+
+    return format_restore(ckpt_dir, step, abstract_pure=abstract_pure, shardings=shardings)
 
 
 # ---------------------------------------------------------------- Hugging Face side files
@@ -158,6 +147,10 @@ def write_side_files(ckpt_dir: str, cfg: QwenConfig, *, hf_source: str | None = 
                      tokenizer_dir: str | None = None) -> list[str]:
     """config.json, generation_config.json and tokenizer files at the checkpoint root (process 0 only)."""
     os.makedirs(ckpt_dir, exist_ok=True)
+    if hf_source and os.path.exists(os.path.join(hf_source, "config.json")):
+        from qwen_jax.checkpoint_format import copy_side_files
+
+        return copy_side_files(hf_source, ckpt_dir)
     written = []
     src_config = os.path.join(hf_source, "config.json") if hf_source else None
     if src_config and os.path.exists(src_config):

@@ -185,7 +185,13 @@ def model_config(config):
     if unknown:
         raise ConfigKeyError(f"config key 'model.overrides': unknown model key(s) {unknown}; valid: {sorted(valid)}")
     if not m.init_from:
-        cfg = config_from_dict(get_preset(m.preset), source=f"preset {m.preset!r}", **run, **arch)
+        raw = get_preset(m.preset)
+        if "vocab_size" in arch:  # a shrunk vocabulary (tests): special-token ids of the preset would not fit
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                ids = raw.get(key)
+                if any(i >= arch["vocab_size"] for i in (ids if isinstance(ids, list) else [ids]) if i is not None):
+                    raw[key] = None
+        cfg = config_from_dict(raw, source=f"preset {m.preset!r}", **run, **arch)
         return cfg, "preset", run | arch
     kind = init_source(m.init_from)
     return load_hf_config(os.path.join(m.init_from, "config.json"), **run, **arch), kind, run | arch
