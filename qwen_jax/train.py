@@ -1,0 +1,404 @@
+"""Launcher: `python -m qwen_jax.train --config=configs/demo.py --workdir=DIR [--config.key=value ...]`.
+
+One code path for one CPU, one GPU, a GPU node or a TPU pod slice:
+
+1. flags and config (`configs/base.py` keys; unknown keys / wrong types are errors naming the key);
+2. `jax.distributed.initialize` from `--coordinator_address/--num_processes/--process_id` or the
+   environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`; or
+   `--distributed=auto` for TPU pods / SLURM auto-detection);
+3. mesh (`data`, `fsdp`, `tensor`, `seq`), model config, parameter and optimizer shardings;
+4. resume from the latest checkpoint in `<workdir>/checkpoints` if there is one, else start from
+   random init (a preset), a Hugging Face folder or an Orbax checkpoint (`model.init_from`);
+5. the loop: per-process data -> global arrays -> jitted step; metrics every step; asynchronous
+   checkpoints every `save_every` steps and at the end; on SIGTERM a checkpoint of the current
+   step, then exit 0;
+6. at the end, export a Hugging Face folder (when `tools/convert.py` is available).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Training config file (configs/*.py).",
+                                          lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard events.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_enum("distributed", "env", ["env", "auto", "off"],
+                  "env: initialize from flags / JAX_* environment variables when given; "
+                  "auto: jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM); off: never.")
+
+EXIT_PREEMPTED = 0  # exit code after a SIGTERM-triggered checkpoint (documented in docs/training.md)
+
+
+class ConfigKeyError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- config validation
+def _load_config_file(spec: str):
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_train_config", path)
+    if module_spec is None or not os.path.exists(path):
+        raise ConfigKeyError(f"--config={spec}: file {path!r} not found")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _flat_keys(cfg, prefix="") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            out.update(_flat_keys(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Every `--config.<key>=<value>` names an existing key and parses as that key's type."""
+    spec = "configs/base.py"
+    overrides = []
+    args = list(argv[1:])
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(args):
+            spec = args[i + 1]
+        elif arg.startswith(("--config.", "--noconfig.")):
+            body = arg.split(".", 1)[1]
+            key, has_value, value = body.partition("=")
+            if not has_value:
+                value = "false" if arg.startswith("--noconfig.") else (
+                    args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else "true")
+            overrides.append((key, value))
+    if not overrides:
+        return
+    cfg = _load_config_file(spec)
+    keys = _flat_keys(cfg)
+    groups = {k.rsplit(".", 1)[0] for k in keys if "." in k}
+    for key, value in overrides:
+        if key in groups:
+            continue
+        if key not in keys:
+            raise ConfigKeyError(f"unknown config key {key!r} (--config.{key}); valid keys: {', '.join(sorted(keys))}")
+        default = keys[key]
+        kind = type(default)
+        ok = True
+        if kind is bool:
+            ok = value.lower() in ("true", "false", "1", "0", "yes", "no")
+        elif kind is int:
+            try:
+                int(value)
+            except ValueError:
+                ok = False
+        elif kind is float:
+            try:
+                float(value)
+            except ValueError:
+                ok = False
+        if not ok:
+            raise ConfigKeyError(f"config key {key!r} expects {kind.__name__} (default {default!r}), got {value!r}")
+
+
+def parse_flags(argv):
+    try:
+        check_overrides(argv)
+    except ConfigKeyError as e:
+        print(f"FATAL config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return app.parse_flags_with_usage(argv)
+
+
+# ---------------------------------------------------------------- distributed
+def init_distributed(mode: str, address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    import jax
+
+    address = address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    if mode == "off":
+        return
+    if mode == "auto":
+        jax.distributed.initialize()
+        return
+    if address and (num_processes or 1) > 1:
+        if process_id is None:
+            raise ValueError("--coordinator_address given without --process_id (or JAX_PROCESS_ID)")
+        if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id)
+
+
+# ---------------------------------------------------------------- model config
+def _parse_overrides(text: str) -> dict:
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigKeyError(f"config key 'model.overrides': expected key=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def init_source(path: str) -> str:
+    """'hf' for a Hugging Face folder, 'orbax' for a CheckpointManager root (numbered step dirs)."""
+    if not os.path.isdir(path):
+        raise ConfigKeyError(f"config key 'model.init_from': {path!r} is not a directory")
+    names = os.listdir(path)
+    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        return "hf"
+    if any(n.isdigit() and os.path.isdir(os.path.join(path, n)) for n in names):
+        return "orbax"
+    raise ConfigKeyError(f"config key 'model.init_from': {path!r} is neither a Hugging Face folder (safetensors) "
+                         "nor an Orbax checkpoint root (numbered step directories)")
+
+
+def model_config(config):
+    """(QwenConfig, source kind 'preset' | 'hf' | 'orbax', the QwenConfig overrides applied)."""
+    from configs.model_presets import get_preset
+    from qwen_jax.config import QwenConfig, config_from_dict, load_hf_config
+
+    m = config.model
+    run = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, remat=m.remat,
+               scan_layers=bool(m.scan_layers))
+    arch = _parse_overrides(m.overrides)
+    valid = {f.name for f in dataclasses.fields(QwenConfig)}
+    unknown = sorted(set(arch) - valid)
+    if unknown:
+        raise ConfigKeyError(f"config key 'model.overrides': unknown model key(s) {unknown}; valid: {sorted(valid)}")
+    if not m.init_from:
+        raw = get_preset(m.preset)
+        if "vocab_size" in arch:  # a shrunk vocabulary (tests): special-token ids of the preset would not fit
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                ids = raw.get(key)
+                if any(i >= arch["vocab_size"] for i in (ids if isinstance(ids, list) else [ids]) if i is not None):
+                    raw[key] = None
+        cfg = config_from_dict(raw, source=f"preset {m.preset!r}", **run, **arch)
+        return cfg, "preset", run | arch
+    kind = init_source(m.init_from)
+    return load_hf_config(os.path.join(m.init_from, "config.json"), **run, **arch), kind, run | arch
+
+
+# ---------------------------------------------------------------- main
+def run(config, workdir: str) -> int:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from qwen_jax import checkpoint as ckpt_lib
+    from qwen_jax import metrics as metrics_lib
+    from qwen_jax import sharding as sh
+    from qwen_jax.trainer import optimizer as opt_lib
+    from qwen_jax.trainer import train_step as ts
+    from qwen_jax.trainer.synthetic import SyntheticBatches
+
+    say = metrics_lib.say
+    pidx, pcount = jax.process_index(), jax.process_count()
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+
+    # ---- mesh and model
+    mesh_shape = {k: int(v) for k, v in config.mesh.items()}
+    mesh = sh.make_mesh(mesh_shape)
+    cfg, source, overrides = model_config(config)
+    if mesh.shape["seq"] > 1 and cfg.attention != "ring":
+        raise ConfigKeyError(f"mesh.seq={mesh.shape['seq']} shards the sequence, which needs ring attention "
+                             "(config key model.attention='ring', issue 7); use mesh.seq=1 until it lands")
+    gbs, seq_len = int(config.data.global_batch_size), int(config.data.seq_len)
+    accum = int(config.grad_accum_steps)
+    if gbs % pcount:
+        raise ConfigKeyError(f"data.global_batch_size={gbs} does not divide over {pcount} processes")
+    if accum < 1 or gbs % accum:
+        raise ConfigKeyError(f"grad_accum_steps={accum} must be >= 1 and divide data.global_batch_size={gbs}")
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (gbs // accum) % batch_ways:
+        raise ConfigKeyError(f"microbatch size {gbs // accum} (global_batch_size / grad_accum_steps) must divide "
+                             f"over data*fsdp={batch_ways} devices")
+    if config.total_steps < 1 or config.save_every < 1:
+        raise ConfigKeyError("total_steps and save_every must be >= 1")
+    say(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} over {pcount} process(es); "
+        f"mesh {dict(mesh.shape)}")
+    say(f"model: {source} {config.model.init_from or config.model.preset} | layers {cfg.num_hidden_layers} "
+        f"hidden {cfg.hidden_size} vocab {cfg.vocab_size} | dtype {cfg.dtype} params {cfg.param_dtype} | "
+        f"remat {cfg.remat} scan_layers {cfg.scan_layers}")
+
+    graphdef, abstract_params, p_sh = ts.param_shardings(cfg, mesh)
+    freeze = opt_lib.resolve_freeze(abstract_params, config.freeze, int(config.freeze_layers), cfg.num_hidden_layers)
+    counts = freeze.summary(abstract_params)
+    say(f"parameters: {counts['trainable']:,} trainable / {counts['total']:,} total "
+        f"({counts['frozen']:,} frozen)")
+    if counts["frozen_paths"]:
+        say("frozen: " + ", ".join(counts["frozen_paths"]))
+    tx, schedule = opt_lib.make_optimizer(abstract_params, config.optimizer, int(config.total_steps), freeze)
+    state_sh = ts.state_shardings(tx, abstract_params, p_sh, mesh)
+    abstract = ts.abstract_state(tx, abstract_params, state_sh)
+    batch_sh = ts.batch_shardings(mesh, gbs, seq_len)
+
+    # ---- data
+    if config.synthetic_data:
+        data_iter = SyntheticBatches(gbs, seq_len, cfg.vocab_size, seed=int(config.data.get("seed", 0)),
+                                     process_index=pidx, process_count=pcount)
+    else:
+        from qwen_jax.data import make_pipeline
+
+        if source == "hf" and not config.data.get("model_dir", "x"):
+            config.data.model_dir = config.model.init_from  # stop ids from the model's generation_config.json
+        data_iter = make_pipeline(config.data, process_index=pidx, process_count=pcount).iterator()
+
+    # ---- state: resume, or init
+    ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=int(config.keep_checkpoints),
+                                 async_save=bool(config.async_checkpointing))
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, meta = ckpt.restore(latest, abstract, data_iter)
+        say(f"resumed from {ckpt_dir} step {latest}")
+    else:
+        if source == "preset":
+            params = ts.init_params(cfg, int(config.seed), p_sh)
+        elif source == "hf":
+            from qwen_jax.hf_io import from_pretrained
+
+            model = from_pretrained(config.model.init_from, mesh=mesh, **overrides)
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            del model
+        else:
+            step = None if config.model.init_step < 0 else int(config.model.init_step)
+            params = ckpt_lib.restore_params(config.model.init_from, step, abstract_params, p_sh)
+        state = ts.init_state(params, tx, int(config.seed), state_sh)
+        del params
+        say(f"initialised from {source}; checkpoints in {ckpt_dir}")
+    if pidx == 0:
+        tok_dir = None if config.synthetic_data else _tokenizer_dir(config.data)
+        ckpt_lib.write_side_files(ckpt_dir, cfg, hf_source=config.model.init_from if source != "preset" else None,
+                                  tokenizer_dir=tok_dir)
+
+    train_step = ts.make_train_step(graphdef, tx, schedule, freeze, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
+                                    chunk_size=int(config.loss.chunk_size), z_loss=float(config.loss.z_loss),
+                                    grad_accum_steps=accum)
+    logger = metrics_lib.MetricsLogger(
+        workdir, peak_flops=metrics_lib.peak_flops_per_device(float(config.peak_flops_per_device)),
+        num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0)
+    config_json = json.loads(config.to_json_best_effort())
+
+    def save(step, force=False):
+        meta = {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(), "config": config_json}
+        return ckpt.save(step, state, meta, data_iter, force=force)
+
+    guard = ckpt_lib.PreemptionGuard()
+    step = int(jax.device_get(state["step"]))
+    total = int(config.total_steps)
+    t_last = time.perf_counter()
+    exit_code = 0
+    while step < total:
+        local = next(data_iter)
+        batch = {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k]))
+                 for k in ts.BATCH_KEYS}
+        state, metrics = train_step(state, batch)
+        step += 1
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        rows, length = batch["input_ids"].shape  # the data schedule may change them
+        logger.log(step, metrics, step_time=now - t_last, tokens=rows * length, total_steps=total,
+                   flops_per_token=metrics_lib.flops_per_token(cfg, length))
+        t_last = now
+        if step % int(config.save_every) == 0 or step == total:
+            save(step)
+        if _preempted(guard, ckpt, step):
+            if ckpt.latest_step() != step:
+                save(step, force=True)
+            ckpt.wait()
+            say(f"preempted (signal {guard.signum}): saved step {step}, exiting")
+            exit_code = EXIT_PREEMPTED
+            break
+    ckpt.close()
+    logger.close()
+    if step >= total:
+        say(f"done: {total} steps; checkpoints in {ckpt_dir}")
+        if config.export_hf:
+            export_hf(ckpt_dir, config.export_hf_dir or os.path.join(workdir, "hf_export"), total)
+    return exit_code
+
+
+def _tokenizer_dir(data_cfg) -> str | None:
+    """The tokenizer folder the data pipeline uses (copied next to the checkpoints)."""
+    try:
+        from qwen_jax.data.tokenization import tokenizer_dir
+    except ImportError:
+        return None
+    folder = tokenizer_dir(data_cfg.get("tokenizer", ""))
+    return folder if folder and os.path.isdir(folder) else None
+
+
+def _preempted(guard, ckpt, step: int) -> bool:
+    import jax
+
+    flag = guard.requested
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+    return flag
+
+
+def export_hf(ckpt_dir: str, out_dir: str, step: int) -> None:
+    import jax
+
+    from qwen_jax.metrics import say
+
+    try:
+        from tools.convert import orbax_to_hf
+    except ImportError:
+        say("HF export skipped: tools/convert.py (issue 4) is not available yet")
+        return
+    if jax.process_index() == 0:
+        orbax_to_hf(ckpt_dir, out_dir, step=step)
+        say(f"exported Hugging Face folder: {out_dir}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO through absl: keep stdout readable
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)
+    init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    from qwen_jax.config import ConfigError
+    from qwen_jax.trainer.optimizer import FreezeError
+
+    try:
+        code = run(_CONFIG.value, FLAGS.workdir)
+    except (ConfigKeyError, ConfigError, FreezeError) as e:
+        print(f"FATAL config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)
+
+
+def cli():
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,203 @@
+"""Trainer pieces in-process: chunked loss, schedule, decay mask, freezing (bit-identity), sharding, config errors."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.base import get_config
+from configs.model_presets import get_preset
+from qwen_jax import sharding
+from qwen_jax.config import attention_flops_per_token, config_from_dict
+from qwen_jax.metrics import flops_per_token, matmul_params, peak_flops_per_device
+from qwen_jax.trainer import optimizer as opt
+from qwen_jax.trainer import train_step as ts
+from qwen_jax.trainer.loss import chunked_cross_entropy, reference_loss
+from qwen_jax.trainer.synthetic import SyntheticBatches
+
+VOCAB, SEQ, BATCH = 512, 64, 8
+
+
+def tiny_cfg(**kw):
+    return config_from_dict(get_preset("tiny"), vocab_size=VOCAB, dtype="float32", **kw)
+
+
+# ---------------------------------------------------------------- loss
+@pytest.mark.parametrize("chunk", [7, 16, 64])
+def test_chunked_cross_entropy_matches_full_logits(chunk):
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(3, 40, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 50)), jnp.float32)
+    tgt = jnp.asarray(rng.integers(0, 50, (3, 40)))
+    mask = jnp.asarray(rng.random((3, 40)) > 0.3, jnp.float32)
+
+    def chunked(h, w):
+        nll, z = chunked_cross_entropy(h, w, tgt, mask, chunk_size=chunk)
+        return nll / mask.sum() + 1e-3 * z / mask.sum()
+
+    def full(h, w):
+        logits = h @ w
+        lse = jax.nn.logsumexp(logits, -1)
+        return reference_loss(logits, tgt, mask) + 1e-3 * jnp.sum(lse**2 * mask) / mask.sum()
+
+    np.testing.assert_allclose(chunked(h, w), full(h, w), rtol=1e-5)
+    g1, g2 = jax.grad(chunked, (0, 1))(h, w), jax.grad(full, (0, 1))(h, w)
+    for a, b in zip(g1, g2, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_loss_never_builds_full_logits():
+    """No [batch, seq, vocab] float32 array anywhere in the jaxpr of the loss and its gradient."""
+    b, t, e, v = 2, 256, 8, 1000
+    h = jnp.ones((b, t, e))
+    w = jnp.ones((e, v))
+    tgt = jnp.zeros((b, t), jnp.int32)
+    mask = jnp.ones((b, t))
+    jaxpr = jax.make_jaxpr(jax.grad(lambda h, w: chunked_cross_entropy(h, w, tgt, mask, chunk_size=32)[0]))(h, w)
+    shapes = re.findall(r"f32\[([\d,]+)\]", str(jaxpr))
+    assert all(int(np.prod([int(x) for x in s.split(",")])) < b * t * v for s in shapes)
+
+
+# ---------------------------------------------------------------- optimizer pieces
+def test_schedule_warmup_then_decay():
+    s = opt.make_schedule(1.0, 100, 10, "cosine", 0.1)
+    assert float(s(0)) == 0.0 and abs(float(s(10)) - 1.0) < 1e-6
+    assert abs(float(s(100)) - 0.1) < 1e-6 and float(s(50)) < 1.0
+    lin = opt.make_schedule(1.0, 100, 0, "linear", 0.0)
+    assert abs(float(lin(50)) - 0.5) < 1e-6
+    with pytest.raises(ValueError, match="schedule"):
+        opt.make_schedule(1.0, 10, 0, "bogus")
+
+
+def test_decay_mask_excludes_norms_and_biases():
+    params = {"layers": {"input_layernorm": {"scale": 0}, "self_attn": {"q_proj": {"kernel": 0, "bias": 0}}},
+              "embed_tokens": {"embedding": 0}, "norm": {"scale": 0}}
+    m = opt.decay_mask(params)
+    assert m["layers"]["self_attn"]["q_proj"] == {"kernel": True, "bias": False}
+    assert not m["norm"]["scale"] and not m["layers"]["input_layernorm"]["scale"] and m["embed_tokens"]["embedding"]
+
+
+def test_freeze_misconfiguration_is_an_error():
+    params = jax.eval_shape(lambda: ts.param_shardings(tiny_cfg(), sharding.make_mesh({"fsdp": -1}))[1])
+    with pytest.raises(opt.FreezeError, match="matches no parameter"):
+        opt.resolve_freeze(params, freeze="layers/mlp/gate_projj")
+    with pytest.raises(opt.FreezeError, match="invalid regex"):
+        opt.resolve_freeze(params, freeze="(")
+    with pytest.raises(opt.FreezeError, match="exceeds"):
+        opt.resolve_freeze(params, freeze_layers=3)
+    with pytest.raises(opt.FreezeError, match="nothing would train"):
+        opt.resolve_freeze(params, freeze=".")
+    spec = opt.resolve_freeze(params, freeze_layers=1)
+    counts = spec.summary(params)
+    assert counts["frozen_paths"][0] == "embed_tokens/embedding"
+    assert "layers/mlp/gate_proj/kernel[:1]" in counts["frozen_paths"]
+    assert counts["trainable"] + counts["frozen"] == counts["total"] > counts["trainable"] > 0
+
+
+# ---------------------------------------------------------------- one sharded, frozen, accumulating step
+@pytest.fixture(scope="module")
+def frozen_run():
+    """8 devices (fsdp 4 x tensor 2), freeze embeddings + layer 0 + every q_proj, 2 microbatches, 4 steps."""
+    c = get_config()
+    c.optimizer.warmup_steps = 0
+    c.optimizer.learning_rate = 1e-2
+    cfg = tiny_cfg()
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    graphdef, abstract, p_sh = ts.param_shardings(cfg, mesh)
+    params = ts.init_params(cfg, 0, p_sh)
+    spec = opt.resolve_freeze(params, freeze=r"q_proj", freeze_layers=1)
+    tx, sched = opt.make_optimizer(params, c.optimizer, 10, spec)
+    state_sh = ts.state_shardings(tx, abstract, p_sh, mesh)
+    state = ts.init_state(params, tx, 0, state_sh)
+    before = jax.tree.map(np.asarray, state["params"])
+    batch_sh = ts.batch_shardings(mesh, BATCH, SEQ)
+    step = ts.make_train_step(graphdef, tx, sched, spec, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
+                              chunk_size=24, grad_accum_steps=2)
+    data = SyntheticBatches(BATCH, SEQ, VOCAB)
+    losses = []
+    for _ in range(4):
+        batch = {k: jax.device_put(v, batch_sh[k]) for k, v in next(data).items()}
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return dict(cfg=cfg, mesh=mesh, state=state, before=before, after=jax.tree.map(np.asarray, state["params"]),
+                losses=losses, spec=spec, state_sh=state_sh, graphdef=graphdef, data=data)
+
+
+def test_frozen_parameters_bit_identical_others_change(frozen_run):
+    before, after = opt.flat_params(frozen_run["before"]), opt.flat_params(frozen_run["after"])
+    frozen = frozen_run["spec"].frozen
+    assert frozen["layers/self_attn/q_proj/kernel"] == opt.ALL and frozen["layers/mlp/up_proj/kernel"] == 1
+    for path, old in before.items():
+        new = after[path]
+        n = frozen.get(path, 0)
+        if n == opt.ALL:
+            assert np.array_equal(old, new), path
+        elif n:
+            assert np.array_equal(old[:n], new[:n]), path
+            assert not np.any(old[n:] == new[n:]) or path.endswith("scale"), path
+            assert not np.array_equal(old[n:], new[n:]), path
+        else:
+            assert not np.array_equal(old, new), path
+
+
+def test_frozen_leaves_have_no_optimizer_state(frozen_run):
+    leaves = jax.tree_util.tree_leaves_with_path(frozen_run["state"]["opt_state"])
+    paths = [opt.path_str(p) for p, _ in leaves]
+    assert not any("q_proj" in p or "embed_tokens" in p for p in paths)
+    assert any("mlp/up_proj/kernel" in p for p in paths)
+
+
+def test_state_is_sharded(frozen_run):
+    params = frozen_run["state"]["params"]
+    kernel = params["layers"]["mlp"]["gate_proj"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    mu = [x for p, x in jax.tree_util.tree_leaves_with_path(frozen_run["state"]["opt_state"])
+          if opt.path_str(p).endswith("mu/layers/mlp/gate_proj/kernel")]
+    assert len(mu) == 1 and mu[0].sharding.spec == kernel.sharding.spec
+    assert len(mu[0].addressable_shards) == 8 and mu[0].addressable_shards[0].data.shape == (2, 16, 64)
+
+
+def test_sharded_accumulated_loss_matches_plain_forward(frozen_run):
+    """Loss of step 1 (8 devices, 2 microbatches, chunked) equals the unsharded full-logits loss at init."""
+    from flax import nnx
+
+    data = SyntheticBatches(BATCH, SEQ, VOCAB)
+    batch = data.global_batch(0)
+    model = nnx.merge(frozen_run["graphdef"], jax.tree.map(jnp.asarray, frozen_run["before"]))
+    logits = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    ref = float(reference_loss(logits, batch["targets"], batch["loss_mask"]))
+    np.testing.assert_allclose(frozen_run["losses"][0], ref, rtol=2e-6)
+
+
+# ---------------------------------------------------------------- metrics
+def test_flops_convention():
+    cfg = config_from_dict(get_preset("Qwen2.5-0.5B") if "Qwen2.5-0.5B" in _presets() else get_preset("tiny"))
+    n = matmul_params(cfg)
+    assert flops_per_token(cfg, 4096) == 6 * n + 3 * attention_flops_per_token(cfg, 4096)
+    # causal attention, fwd+bwd: 12 * L * H * D * T / 2
+    L, H, D = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
+    assert 3 * attention_flops_per_token(cfg, 4096) == 12 * L * H * D * 4096 / 2
+    assert peak_flops_per_device(123.0) == 123.0
+    assert peak_flops_per_device() is None  # CPU: MFU n/a
+
+
+def _presets():
+    from configs.model_presets import preset_names
+
+    return preset_names()
+
+
+def test_synthetic_batches_split_over_processes():
+    whole = SyntheticBatches(8, 32, 100, seed=3).global_batch(5)
+    halves = []
+    for p in range(2):
+        it = SyntheticBatches(8, 32, 100, seed=3, process_index=p, process_count=2)
+        it.set_state({"step": 5})
+        halves.append(next(it))
+    for k, v in whole.items():
+        np.testing.assert_array_equal(v, np.concatenate([h[k] for h in halves]))
+    assert whole["loss_mask"].sum() > 0 and (whole["segment_ids"] == 0).any()
