@@ -44,31 +44,33 @@ def resolve_paths(path: str) -> list[str]:
 class _JsonlFile:
     def __init__(self, path: str):
         self.path = path
-        offsets, lines = [], []
+        offsets, lengths, lines = [], [], []
         with open(path, "rb") as f:
             pos = 0
             for lineno, line in enumerate(f, start=1):
                 if line.strip():  # blank lines are ignored
                     offsets.append(pos)
+                    lengths.append(len(line))
                     lines.append(lineno)
                 pos += len(line)
         self.offsets = np.asarray(offsets, np.int64)
+        self.lengths = np.asarray(lengths, np.int64)
         self.lines = np.asarray(lines, np.int64)
-        self._fh = None
+        self._fd = None
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_fh"] = None
+        d["_fd"] = None
         return d
 
     def get(self, i: int) -> tuple[str, Any]:
-        if self._fh is None:
-            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open for the life of the process
-        self._fh.seek(int(self.offsets[i]))
-        return f"{self.path}:{int(self.lines[i])}", self._fh.readline()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)  # kept open for the life of the process; pread is thread-safe
+        line = os.pread(self._fd, int(self.lengths[i]), int(self.offsets[i]))
+        return f"{self.path}:{int(self.lines[i])}", line
 
 
 class _ParquetFile:

@@ -16,6 +16,7 @@ generation stops on (:func:`check_stop_tokens`); otherwise a fine-tune never lea
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -57,7 +58,9 @@ def tokenizer_dir(cfg_tokenizer: str) -> str:
     return cfg_tokenizer or bundled_tokenizer_dir()
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str):
+    """AutoTokenizer from a local folder (never downloads); cached per process."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
