@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from qwen_jax.data import QWEN2_CHATML_TEMPLATE, BadRecordError, default_config, make_pipeline
-from qwen_jax.data.sources import RawRecord
-from qwen_jax.data.tokenization import bundled_tokenizer_dir, load_tokenizer
+from qwen_jax.data.tokenization import bundled_tokenizer_dir, doc_arrays, load_tokenizer
 
 IM_END = "<|im_end|>"
 
@@ -64,8 +63,8 @@ def test_tokenizer_files_and_template():
 def test_chat_mask_covers_exactly_assistant_content_and_im_end(template):
     p = make_pipeline(cfg_for(default_config().sources, chat_template=template))
     im_end = p.tokenizer.convert_tokens_to_ids(IM_END)
-    for k, rec in enumerate(bundled_records()[:120]):
-        out = p.tokenize.map(RawRecord(0, f"x:{k}", json.dumps(rec).encode()))
+    for rec in bundled_records()[:120]:
+        out = p.encode(rec)
         ids, mask = out["ids"], out["mask"]
         want = [m["content"] + IM_END for m in rec["messages"] if m["role"] == "assistant"]
         got = [p.decode(ids[a:b]) for a, b in runs(mask)]
@@ -81,7 +80,7 @@ def test_chat_system_turn_unmasked(chat_pipeline):
     p = chat_pipeline
     rec = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
                         {"role": "assistant", "content": "4"}]}
-    out = p.tokenize.map(RawRecord(0, "x:1", json.dumps(rec).encode()))
+    out = p.encode(rec)
     assert [p.decode(out["ids"][a:b]) for a, b in runs(out["mask"])] == ["4" + IM_END]
     assert p.decode(out["ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?")
 
@@ -92,13 +91,12 @@ def test_continuation_and_text_masks(tmp_path):
     p = make_pipeline(cfg_for([{"path": cont, "kind": "continuation", "weight": 1.0},
                                {"path": text, "kind": "text", "weight": 1.0}]))
     eos = p.tokenizer.eos_token
-    c = p.tokenize.map(
-        RawRecord(0, "c:1", json.dumps({"prompt": "The capital of France is", "completion": " Paris."}).encode()))
+    c = p.encode({"prompt": "The capital of France is", "completion": " Paris."})
     (a, b), = runs(c["mask"])
     assert p.decode(c["ids"][:a]) == "The capital of France is"
     assert p.decode(c["ids"][a:b]) == " Paris." + eos and b == len(c["ids"])
     assert c["ids"][-1] == p.eos_id
-    t = p.tokenize.map(RawRecord(1, "t:1", json.dumps({"text": "Hello world."}).encode()))
+    t = p.encode({"text": "Hello world."}, source=1)
     assert t["mask"].all() and t["ids"][-1] == p.eos_id and p.decode(t["ids"]) == "Hello world." + eos
     # And through the packed batch: loss_mask marks targets that are completion tokens.
     b = next(p.iterator())
@@ -180,7 +178,7 @@ def test_parquet_source(tmp_path):
     assert it.stats()["examples"] == 20 and it.stats()["bad_records"] == 5  # text rows are not chat records
     p2 = make_pipeline(cfg_for([{"path": str(tmp_path / "chat.parquet"), "kind": "chat", "weight": 1.0}],
                                num_epochs=1, shuffle=False))
-    out = p2.tokenize.map(p2.lane_records[0])
+    out = doc_arrays(p2.tokenize.map(p2.lane_records[0]))
     want = [m["content"] + IM_END for m in recs[0]["messages"] if m["role"] == "assistant"]
     assert [p2.decode(out["ids"][a:b]) for a, b in runs(out["mask"])] == want
     p3 = make_pipeline(cfg_for([{"path": str(tmp_path / "chat.parquet"), "kind": "text", "weight": 1.0}],

@@ -41,11 +41,12 @@ import numpy as np
 
 from qwen_jax.data.packing import Lane, build_rows
 from qwen_jax.data.schedule import Stage, auto_lanes, parse_schedule, stage_at
-from qwen_jax.data.sources import KINDS, FileSource
+from qwen_jax.data.sources import KINDS, FileSource, RawRecord
 from qwen_jax.data.tokenization import (
     BadRecordError,
     Tokenize,
     check_stop_tokens,
+    doc_arrays,
     load_tokenizer,
     resolve_chat_template,
     tokenizer_dir,
@@ -129,9 +130,8 @@ class Pipeline:
         self.chat_template = resolve_chat_template(self.tokenizer, cfg.chat_template)
         kinds = {s["kind"] for s in self.sources}
         self.eos_id = check_stop_tokens(self.tokenizer, model_dir=cfg.model_dir, eos_token=cfg.eos_token, kinds=kinds)
-        self.tokenize = Tokenize(self.tokenizer_path, [s["kind"] for s in self.sources], self.eos_id,
+        self.tokenize = Tokenize(self.tokenizer.backend_tokenizer, [s["kind"] for s in self.sources], self.eos_id,
                                  self.chat_template)
-        self.tokenize._tok = self.tokenizer
 
         parts = []
         for k, s in enumerate(self.sources):
@@ -176,10 +176,22 @@ class Pipeline:
         it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(self.cfg.read_threads)),
                                                      prefetch_buffer_size=int(self.cfg.worker_buffer_size)))
         if self.cfg.worker_count > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain's worker code reads absl flags; outside absl.app use defaults
+                flags.FLAGS.mark_as_parsed()
             it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=int(self.cfg.worker_count),
                 per_worker_buffer_size=max(1, int(self.cfg.worker_buffer_size) // int(self.cfg.worker_count))))
         return iter(it_ds)
+
+    def encode(self, record: dict | str | bytes, source: int = 0) -> dict[str, np.ndarray]:
+        """Tokenizes one record as source ``source`` would: {"ids": int32[n], "mask": uint8[n]} (mask 1 = trained)."""
+        payload = record if isinstance(record, str | bytes) else json.dumps(record)
+        out = self.tokenize.map(RawRecord(source, "<record>", payload))
+        if "bad" in out:
+            raise BadRecordError(out["bad"])
+        return doc_arrays(out)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -223,6 +235,7 @@ class BatchIterator(grain.DatasetIterator):
             self.counters[f"bad_records/source{doc['source']}"] += 1
             log.warning("skipping bad record %s", doc["bad"])
             return
+        doc = doc_arrays(doc)
         n = len(doc["ids"])
         if n == 0:
             self.counters["empty_examples"] += 1
@@ -300,7 +313,7 @@ class BatchIterator(grain.DatasetIterator):
             lane.set_state(st)
         self._docs = {}
         for j in sorted(set().union(*[lane.doc_ids() for lane in self._lanes])):
-            self._docs[j] = self._p.docs[j]  # re-tokenized in this process
+            self._docs[j] = doc_arrays(self._p.docs[j])  # re-tokenized in this process
 
     def stats(self) -> dict[str, float]:
         """Counters so far plus packing efficiency and mask ratio."""

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import threading
 from typing import Any
 
 import grain
@@ -58,9 +59,17 @@ def tokenizer_dir(cfg_tokenizer: str) -> str:
     return cfg_tokenizer or bundled_tokenizer_dir()
 
 
-@functools.lru_cache(maxsize=4)
+_LOAD_LOCK = threading.Lock()
+
+
 def load_tokenizer(path: str):
-    """AutoTokenizer from a local folder (never downloads); cached per process."""
+    """AutoTokenizer from a local folder (never downloads); cached per process, safe to call from read threads."""
+    with _LOAD_LOCK:  # transformers' lazy imports are not thread-safe
+        return _load_tokenizer(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -131,30 +140,55 @@ def _bad(rec: RawRecord, why: str) -> dict:
     return {"bad": f"{rec.location}: {why}", "source": rec.source}
 
 
-class Tokenize(grain.transforms.Map):
-    """RawRecord -> {"ids": int32[n], "mask": uint8[n], "source": int} (or {"bad": message}); picklable."""
+def compile_chat_template(template: str):
+    """Compiles a chat template the way transformers' ``apply_chat_template`` does (sandboxed Jinja, trim_blocks,
+    lstrip_blocks, loop controls, its ``tojson``/``raise_exception``/``strftime_now``), without importing
+    transformers, so that grain worker processes start fast.  Tests check the output equals ``apply_chat_template``."""
+    import datetime
 
-    def __init__(self, tokenizer_path: str, kinds: list[str], eos_id: int, chat_template: str):
-        self.tokenizer_path = tokenizer_path
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+class Tokenize(grain.transforms.Map):
+    """RawRecord -> {"ids": int32 bytes, "mask": uint8 bytes, "source": int} (or {"bad": message}); picklable.
+
+    Uses the Hugging Face tokenizer's Rust backend (the ``AutoTokenizer``'s own ``backend_tokenizer``, pickled into
+    the workers) and the tokenizer's chat template compiled by :func:`compile_chat_template`.  Token arrays travel as
+    bytes (cheaper than grain's shared-memory arrays for small documents); see :func:`doc_arrays`.
+    """
+
+    def __init__(self, backend, kinds: list[str], eos_id: int, chat_template: str):
+        self.backend = backend
         self.kinds = list(kinds)
         self.eos_id = int(eos_id)
         self.chat_template = chat_template
-        self._tok = None
+        self._template = None
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_tok"] = None
+        d["_template"] = None
         return d
 
-    @property
-    def tok(self):
-        if self._tok is None:
-            self._tok = load_tokenizer(self.tokenizer_path)
-        return self._tok
+    def render_chat(self, messages: list[dict]) -> str:
+        if self._template is None:
+            self._template = compile_chat_template(self.chat_template)
+        return self._template.render(messages=messages, tools=None, documents=None, add_generation_prompt=False)
 
     def _encode(self, pieces: list[str]) -> list[list[int]]:
-        encs = self.tok.backend_tokenizer.encode_batch(pieces, add_special_tokens=False)
-        return [e.ids for e in encs]
+        return [e.ids for e in self.backend.encode_batch(pieces, add_special_tokens=False)]
 
     def map(self, rec: RawRecord) -> dict:
         payload = rec.payload
@@ -175,7 +209,8 @@ class Tokenize(grain.transforms.Map):
                 ids, mask = self._text(payload)
         except _Invalid as e:
             return _bad(rec, f"{kind} record: {e}")
-        return {"ids": np.asarray(ids, np.int32), "mask": np.asarray(mask, np.uint8), "source": rec.source}
+        return {"ids": np.asarray(ids, np.int32).tobytes(), "mask": np.asarray(mask, np.uint8).tobytes(),
+                "source": rec.source}
 
     def _text(self, r: dict):
         text = r.get("text")
@@ -202,7 +237,7 @@ class Tokenize(grain.transforms.Map):
         if not any(m["role"] == "assistant" for m in msgs):
             raise _Invalid("no assistant message (nothing to train on)")
         msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
-        text = self.tok.apply_chat_template(msgs, tokenize=False, chat_template=self.chat_template)
+        text = self.render_chat(msgs)
         spans = assistant_spans(text, [m["content"] for m in msgs if m["role"] == "assistant"])
         pieces, flags, pos = [], [], 0
         for a, b in spans:
@@ -220,6 +255,14 @@ class Tokenize(grain.transforms.Map):
             ids += piece_ids
             mask += [flag] * len(piece_ids)
         return ids, mask
+
+
+def doc_arrays(doc: dict) -> dict:
+    """Decodes a Tokenize output in place: ids -> int32 array, mask -> uint8 array."""
+    if isinstance(doc.get("ids"), bytes):
+        doc["ids"] = np.frombuffer(doc["ids"], np.int32)
+        doc["mask"] = np.frombuffer(doc["mask"], np.uint8)
+    return doc
 
 
 class _Invalid(Exception):
