@@ -28,7 +28,7 @@ class Lane:
         self.stats = stats
         self.pending: collections.deque[Piece] = collections.deque()
         self.rows: list[list[Piece]] = []  # open rows
-        self.row_len = 0
+        self.used: list[int] = []  # tokens in each open row
         self.seq_len = None  # the length the open rows were built for
 
     # -- state -------------------------------------------------------------------------------------------------
@@ -39,6 +39,7 @@ class Lane:
     def set_state(self, st: dict) -> None:
         self.pending = collections.deque(tuple(p) for p in st["pending"])
         self.rows = [[tuple(p) for p in r] for r in st["rows"]]
+        self.used = [self._used(r) for r in self.rows]
         self.seq_len = st["seq_len"]
 
     def doc_ids(self) -> set[int]:
@@ -52,7 +53,7 @@ class Lane:
         if self.seq_len != seq_len:
             # Dissolve open rows (oldest first) back to the front of the queue, in their original order.
             back = [p for r in self.rows for p in r]
-            self.rows = []
+            self.rows, self.used = [], []
             self.pending.extendleft(reversed(back))
             self.seq_len = seq_len
 
@@ -67,11 +68,15 @@ class Lane:
         """
         self._set_len(seq_len)
         while True:
-            for i, r in enumerate(self.rows):
-                if self._used(r) >= seq_len:
-                    return self.rows.pop(i)
+            if self.rows and max(self.used) >= seq_len:
+                i = self.used.index(max(self.used))
+                self.used.pop(i)
+                return self.rows.pop(i)
             if not self.pending and not pull():
-                return self.rows.pop(0) if self.rows else None
+                if self.rows:
+                    self.used.pop(0)
+                    return self.rows.pop(0)
+                return None
             doc, start, stop = self.pending.popleft()
             n = stop - start
             if n > seq_len:
@@ -87,16 +92,17 @@ class Lane:
             piece = (doc, start, stop)
             if not self.pack:
                 return [piece]
-            for r in self.rows:
-                if seq_len - self._used(r) >= n:
-                    r.append(piece)
+            for i, u in enumerate(self.used):
+                if seq_len - u >= n:
+                    self.rows[i].append(piece)
+                    self.used[i] += n
                     break
             else:
-                if len(self.rows) >= self.buffer:
-                    out = self.rows.pop(0)
-                    self.rows.append([piece])
-                    return out
                 self.rows.append([piece])
+                self.used.append(n)
+                if len(self.rows) > self.buffer:
+                    self.used.pop(0)
+                    return self.rows.pop(0)
 
 
 def build_rows(rows: list[list[Piece] | None], seq_len: int, docs: dict[int, dict]) -> dict[str, np.ndarray]:

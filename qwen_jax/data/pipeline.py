@@ -45,6 +45,7 @@ from qwen_jax.data.sources import KINDS, FileSource, RawRecord
 from qwen_jax.data.tokenization import (
     BadRecordError,
     Tokenize,
+    TokenizeChunk,
     check_stop_tokens,
     doc_arrays,
     load_tokenizer,
@@ -81,6 +82,28 @@ class _LaneSelect(grain.MapDataset):
         if isinstance(j, slice):
             return self.slice(j)
         return self._parent[self.global_index(j)]
+
+
+class _Chunks(grain.MapDataset):
+    """Element c = [parent[c*k], ..., parent[c*k + k - 1]] (the last chunk may be shorter)."""
+
+    def __init__(self, parent: grain.MapDataset, k: int):
+        super().__init__(parent)
+        self._k = k
+        n = len(parent)
+        self._len = sys.maxsize if n >= sys.maxsize else -(-n // k)
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __str__(self) -> str:
+        return f"Chunks({self._k})"
+
+    def __getitem__(self, c):
+        if isinstance(c, slice):
+            return self.slice(c)
+        return [self._parent[j] for j in range(c * self._k, min((c + 1) * self._k, self._n))]
 
 
 def _source_dicts(cfg) -> list[dict]:
@@ -141,7 +164,9 @@ class Pipeline:
             parts.append(ds.repeat(cfg.num_epochs))
         self.records = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s["weight"] for s in self.sources])
         self.lane_records = _LaneSelect(self.records, self.num_lanes, self.first_lane, self.lanes_per_process)
-        self.docs = self.lane_records.map(self.tokenize)
+        self.docs = self.lane_records.map(self.tokenize)  # random access (used to rebuild state)
+        self.chunk_size = max(1, int(cfg.tokenize_chunk))
+        self.doc_chunks = _Chunks(self.lane_records, self.chunk_size).map(TokenizeChunk(self.tokenize))
 
     # -- shapes ------------------------------------------------------------------------------------------------
     def stage_at(self, step: int) -> Stage:
@@ -172,7 +197,9 @@ class Pipeline:
         return BatchIterator(self, start_step)
 
     def doc_iterator(self, start: int):
-        ds = self.docs[start:] if start else self.docs
+        """Iterator over chunks of tokenized documents, starting with the chunk that holds document ``start``."""
+        c = start // self.chunk_size
+        ds = self.doc_chunks[c:] if c else self.doc_chunks
         it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(self.cfg.read_threads)),
                                                      prefetch_buffer_size=int(self.cfg.worker_buffer_size)))
         if self.cfg.worker_count > 0:
@@ -209,6 +236,7 @@ class BatchIterator(grain.DatasetIterator):
         self._exhausted = False
         self._docs: dict[int, dict] = {}
         self._doc_it = None
+        self._chunk: collections.deque = collections.deque()
         self.counters: collections.Counter = collections.Counter()
         self._lanes = [Lane(buffer=cfg.pack_buffer, pack=cfg.pack, split=cfg.long_examples == "split",
                             stats=self.counters) for _ in range(pipeline.lanes_per_process)]
@@ -217,6 +245,8 @@ class BatchIterator(grain.DatasetIterator):
     def _ensure_doc_it(self):
         if self._doc_it is None:
             self._doc_it = self._p.doc_iterator(self._next_doc)
+            self._chunk = collections.deque()
+            self._skip = self._next_doc % self._p.chunk_size  # documents of the first chunk already consumed
 
     def start_prefetch(self) -> None:
         self._ensure_doc_it()
@@ -250,11 +280,15 @@ class BatchIterator(grain.DatasetIterator):
             if self._exhausted:
                 return False
             self._ensure_doc_it()
-            try:
-                doc = next(self._doc_it)
-            except StopIteration:
-                self._exhausted = True
-                return False
+            while not self._chunk:
+                try:
+                    chunk = next(self._doc_it)
+                except StopIteration:
+                    self._exhausted = True
+                    return False
+                self._chunk.extend(chunk[self._skip:])
+                self._skip = 0
+            doc = self._chunk.popleft()
             j = self._next_doc
             self._next_doc += 1
             self._add_doc(j, doc)

@@ -188,7 +188,8 @@ class Tokenize(grain.transforms.Map):
         return self._template.render(messages=messages, tools=None, documents=None, add_generation_prompt=False)
 
     def _encode(self, pieces: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(pieces, add_special_tokens=False)]
+        # One encode() per piece: encode_batch's thread-pool overhead is larger than the work for short pieces.
+        return [self.backend.encode(p, add_special_tokens=False).ids for p in pieces]
 
     def map(self, rec: RawRecord) -> dict:
         payload = rec.payload
@@ -255,6 +256,16 @@ class Tokenize(grain.transforms.Map):
             ids += piece_ids
             mask += [flag] * len(piece_ids)
         return ids, mask
+
+
+class TokenizeChunk(grain.transforms.Map):
+    """A list of RawRecords -> a list of Tokenize outputs (amortizes the per-element cost of worker IPC)."""
+
+    def __init__(self, tokenize: Tokenize):
+        self.tokenize = tokenize
+
+    def map(self, recs: list[RawRecord]) -> list[dict]:
+        return [self.tokenize.map(r) for r in recs]
 
 
 def doc_arrays(doc: dict) -> dict:
