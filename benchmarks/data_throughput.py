@@ -2,7 +2,9 @@
 
     python benchmarks/data_throughput.py [--seconds 20] [--seq_len 2048] [--batch 16]
 
-Datasets: the bundled chat set (short conversations, chat template + masks) and a synthetic plain-text corpus
+Modes: tokenize on the fly (workers 0 and 2) and reading a pre-tokenized cache (``data.cache_dir``; built first,
+build time reported).  Datasets: the bundled chat set (short conversations, chat template + masks) and a
+synthetic plain-text corpus
 (longer documents, written to a temp dir).  Timing starts after the first batch (worker start-up excluded; it is
 reported separately).  "tokens/s" counts real (non-padding) tokens; "slots/s" counts the whole [batch, seq_len]
 tensors.  Writes benchmarks/results/data_throughput.json.
@@ -39,14 +41,17 @@ def text_corpus(path: str, n: int = 3000, seed: int = 0) -> str:
     return path
 
 
-def run(sources, workers: int, seconds: float, seq_len: int, batch: int) -> dict:
+def run(sources, workers: int, seconds: float, seq_len: int, batch: int, cache_dir: str = "") -> dict:
     c = default_config()
+    c.cache_dir = cache_dir
     c.sources = sources
     c.seq_len = seq_len
     c.global_batch_size = batch
     c.worker_count = workers
     c.worker_buffer_size = 256
-    p = make_pipeline(c)
+    t0 = time.perf_counter()
+    p = make_pipeline(c)  # builds the token cache when cache_dir is set and it does not exist yet
+    build = time.perf_counter() - t0
     it = p.iterator()
     t0 = time.perf_counter()
     next(it)
@@ -63,6 +68,7 @@ def run(sources, workers: int, seconds: float, seq_len: int, batch: int) -> dict
     tokens = st["tokens"] - base.get("tokens", 0)
     slots = st["slots"] - base.get("slots", 0)
     return {"workers": workers, "steps": steps, "seconds": round(dt, 2), "startup_s": round(startup, 2),
+            "pipeline_build_s": round(build, 2),
             "tokens_per_s": round(tokens / dt), "slots_per_s": round(slots / dt),
             "packing_efficiency": round(st["packing_efficiency"], 4), "mask_ratio": round(st["mask_ratio"], 4)}
 
@@ -82,20 +88,30 @@ def main() -> None:
         "synthetic_text": [{"path": text_corpus(os.path.join(tmp, "text.jsonl")), "kind": "text", "weight": 1.0}],
     }
     rows = []
+    configs = [(w, "") for w in (int(x) for x in args.workers.split(","))] + [(0, "cache")]
     for name, sources in datasets.items():
-        for w in (int(x) for x in args.workers.split(",")):
+        for w, cache in configs:
+            cache_dir = os.path.join(tmp, f"cache-{name}") if cache else ""
+            if cache_dir:
+                make_pipeline_cache = run(sources, max(int(x) for x in args.workers.split(",")), 0.1,
+                                          args.seq_len, args.batch, cache_dir)  # build the cache (timed separately)
             r = {"dataset": name, "seq_len": args.seq_len, "global_batch": args.batch,
-                 **run(sources, w, args.seconds, args.seq_len, args.batch)}
+                 "mode": "pre-tokenized cache" if cache else "tokenize on the fly",
+                 **run(sources, w, args.seconds, args.seq_len, args.batch, cache_dir)}
+            if cache_dir:
+                r["cache_build_s"] = make_pipeline_cache["pipeline_build_s"]
             rows.append(r)
-            print(f"{name:15s} workers={w}: {r['tokens_per_s']:>10,} tokens/s  ({r['slots_per_s']:,} slots/s, "
-                  f"packing {r['packing_efficiency']:.1%}, start-up {r['startup_s']} s)", flush=True)
+            print(f"{name:15s} workers={w} {r['mode']:20s}: {r['tokens_per_s']:>10,} tokens/s  "
+                  f"({r['slots_per_s']:,} slots/s, packing {r['packing_efficiency']:.1%}, "
+                  f"start-up {r['startup_s']} s)", flush=True)
     print()
-    print("| dataset | workers | tokens/s | slots/s | packing eff. | start-up s |")
-    print("|---|---|---|---|---|---|")
+    print("| dataset | mode | workers | tokens/s | slots/s | packing eff. | start-up s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dataset']} | {r['workers']} | {r['tokens_per_s']:,} | {r['slots_per_s']:,} | "
+        print(f"| {r['dataset']} | {r['mode']} | {r['workers']} | {r['tokens_per_s']:,} | {r['slots_per_s']:,} | "
               f"{r['packing_efficiency']:.1%} | {r['startup_s']} |")
-    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                          "load_average_at_end": os.getloadavg()},
               "note": "real (non-padding) tokens per second after start-up; one H100 trains a 0.5B model at roughly "
                       "60-100k tokens/s", "results": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

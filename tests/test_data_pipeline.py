@@ -270,3 +270,31 @@ def test_cli_show(tmp_path):
     assert "⟪<|im_start|>user\n" in s and "<|im_end|>⟪\n" in s  # prompt marked untrained, reply + <|im_end|> trained
     for key in ("tokens:", "packing efficiency:", "truncated examples:", "mask ratio", "bad records skipped:"):
         assert key in s
+
+
+def test_token_cache_gives_identical_batches(tmp_path):
+    c = sched_cfg(tmp_path, long_examples="split")
+    ref_it = make_pipeline(c).iterator()
+    ref = take(ref_it, 7)
+    c.cache_dir = str(tmp_path / "cache")
+    p = make_pipeline(c)
+    assert p.cached and len(os.listdir(c.cache_dir)) == 2
+    it = p.iterator()
+    assert_same(take(it, 7), ref)
+    assert it.get_state()["lanes"] == ref_it.get_state()["lanes"]
+    p2 = make_pipeline(c)  # cache hit
+    it2 = p2.iterator()
+    it2.set_state(json.loads(json.dumps(make_pipeline(c).iterator().get_state())))
+    assert_same(take(it2, 3), ref[:3])
+
+
+def test_token_cache_keeps_bad_record_semantics(tmp_path):
+    path = write_jsonl(tmp_path / "b.jsonl", [{"text": "fine"}, {"oops": 1}, {"text": "also fine"}])
+    c = cfg_for([{"path": path, "kind": "text", "weight": 1.0}], num_epochs=1, shuffle=False,
+                cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(Exception, match=r"b\.jsonl:2: text record"):
+        list(make_pipeline(c).iterator())
+    c.skip_bad_records = True
+    it = make_pipeline(c).iterator()
+    list(it)
+    assert it.stats()["bad_records"] == 1 and it.stats()["examples"] == 2

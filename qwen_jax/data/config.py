@@ -48,6 +48,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.read_threads = 2
     # Documents tokenized per grain element (amortizes per-element worker IPC; the output does not depend on it).
     c.tokenize_chunk = 32
+    # Pre-tokenization cache folder ('' = tokenize on the fly every epoch).  See qwen_jax/data/cache.py.
+    c.cache_dir = ""
     # Independent packing lanes (0 = auto: gcd of the stage batch sizes).  Rows of the global batch are split
     # into num_lanes contiguous blocks, one per lane; the process count must divide it.
     c.num_lanes = 0

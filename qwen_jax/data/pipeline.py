@@ -39,6 +39,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from qwen_jax.data.cache import build_or_load
 from qwen_jax.data.packing import Lane, build_rows
 from qwen_jax.data.schedule import Stage, auto_lanes, parse_schedule, stage_at
 from qwen_jax.data.sources import KINDS, FileSource, RawRecord
@@ -156,17 +157,25 @@ class Pipeline:
         self.tokenize = Tokenize(self.tokenizer.backend_tokenizer, [s["kind"] for s in self.sources], self.eos_id,
                                  self.chat_template)
 
+        self.cached = bool(cfg.cache_dir)
         parts = []
         for k, s in enumerate(self.sources):
-            ds = grain.MapDataset.source(FileSource(k, s["path"]))
+            src = FileSource(k, s["path"])
+            if self.cached:
+                src = build_or_load(cfg.cache_dir, src, s["kind"], self.tokenize, worker_count=int(cfg.worker_count))
+            ds = grain.MapDataset.source(src)
             if cfg.shuffle:
                 ds = ds.shuffle(seed=int(cfg.seed) * 1009 + k)  # reshuffled every epoch (seed + epoch)
             parts.append(ds.repeat(cfg.num_epochs))
         self.records = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s["weight"] for s in self.sources])
         self.lane_records = _LaneSelect(self.records, self.num_lanes, self.first_lane, self.lanes_per_process)
-        self.docs = self.lane_records.map(self.tokenize)  # random access (used to rebuild state)
         self.chunk_size = max(1, int(cfg.tokenize_chunk))
-        self.doc_chunks = _Chunks(self.lane_records, self.chunk_size).map(TokenizeChunk(self.tokenize))
+        if self.cached:  # records are already tokenized documents
+            self.docs = self.lane_records
+            self.doc_chunks = _Chunks(self.lane_records, self.chunk_size)
+        else:
+            self.docs = self.lane_records.map(self.tokenize)  # random access (used to rebuild state)
+            self.doc_chunks = _Chunks(self.lane_records, self.chunk_size).map(TokenizeChunk(self.tokenize))
 
     # -- shapes ------------------------------------------------------------------------------------------------
     def stage_at(self, step: int) -> Stage:
