@@ -3,10 +3,10 @@
     python benchmarks/data_throughput.py [--seconds 20] [--seq_len 2048] [--batch 16]
 
 Modes: tokenize on the fly (workers 0 and 2) and reading a pre-tokenized cache (``data.cache_dir``; built first,
-build time reported).  Datasets: the bundled chat set (short conversations, chat template + masks) and a
-synthetic plain-text corpus (longer documents, written to a temp dir).  Timing starts after the first batch (worker start-up excluded; it is
-reported separately).  "tokens/s" counts real (non-padding) tokens; "slots/s" counts the whole [batch, seq_len]
-tensors.  Writes benchmarks/results/data_throughput.json.
+build time reported).  Datasets: the bundled chat set (short conversations, chat template + masks) and a synthetic
+plain-text corpus (longer documents, written to a temp dir).  Timing starts after the first batch (worker start-up
+excluded; it is reported separately).  "tokens/s" counts real (non-padding) tokens; "slots/s" counts the whole
+[batch, seq_len] tensors.  Writes benchmarks/results/data_throughput.json.
 """
 
 from __future__ import annotations
