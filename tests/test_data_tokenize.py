@@ -185,3 +185,27 @@ def test_parquet_source(tmp_path):
                                num_epochs=1, shuffle=False))
     with pytest.raises(BadRecordError, match=r"chat\.parquet:row 1: text record"):
         next(p3.iterator())
+
+
+def test_packed_batch_trains_exactly_assistant_tokens(chat_pipeline):
+    p = chat_pipeline
+    by_ids = {}
+    for rec in bundled_records():
+        out = p.encode(rec)
+        by_ids[tuple(out["ids"].tolist())] = (rec, out)
+    b = next(p.iterator())
+    im_end_text = IM_END
+    checked = 0
+    for r in range(b["input_ids"].shape[0]):
+        seg = b["segment_ids"][r]
+        for k in range(1, int(seg.max()) + 1):
+            idx = np.where(seg == k)[0]
+            key = tuple(b["input_ids"][r, idx].tolist())
+            if key not in by_ids:  # truncated document
+                continue
+            rec, out = by_ids[key]
+            trained = b["targets"][r, idx][b["loss_mask"][r, idx] > 0]
+            want = "".join(m["content"] + im_end_text for m in rec["messages"] if m["role"] == "assistant")
+            assert p.decode(trained) == want
+            checked += 1
+    assert checked > 5

@@ -77,7 +77,7 @@ def main(argv):
     st = it.stats()
     print(f"════ statistics over {steps} batches (process {pi}/{pc}) ════")
     print(f"stages:              {', '.join(f'{s.seq_len}x{s.global_batch_size} from step {s.start_step}' for s in pipeline.stages)}")  # noqa: E501
-    print(f"examples:            {st.get('examples', 0)}")
+    print(f"examples read:       {st.get('examples', 0)}")
     print(f"tokens:              {st.get('tokens', 0)} in {st.get('slots', 0)} slots")
     print(f"packing efficiency:  {st['packing_efficiency']:.2%} ({st.get('segments', 0)} segments in "
           f"{st.get('rows', 0)} rows)")
