@@ -152,17 +152,21 @@ def write_side_files(ckpt_dir: str, cfg: QwenConfig, *, hf_source: str | None = 
 
         return copy_side_files(hf_source, ckpt_dir)
     written = []
+    chat_tokenizer = is_qwen_tokenizer(tokenizer_dir or hf_source)
     src_config = os.path.join(hf_source, "config.json") if hf_source else None
     if src_config and os.path.exists(src_config):
         _atomic_copy(src_config, os.path.join(ckpt_dir, "config.json"))
     else:
-        _atomic_write(os.path.join(ckpt_dir, "config.json"), json.dumps(to_hf_dict(cfg), indent=2) + "\n")
+        hf_config = to_hf_dict(cfg)
+        if chat_tokenizer:  # trained on ChatML turns: like Qwen's Instruct configs, stop at <|im_end|>
+            hf_config["eos_token_id"] = QWEN_CHAT_EOS[0]
+        _atomic_write(os.path.join(ckpt_dir, "config.json"), json.dumps(hf_config, indent=2) + "\n")
     written.append("config.json")
     src_gen = os.path.join(hf_source, "generation_config.json") if hf_source else None
     if src_gen and os.path.exists(src_gen):
         _atomic_copy(src_gen, os.path.join(ckpt_dir, "generation_config.json"))
     else:
-        if is_qwen_tokenizer(tokenizer_dir or hf_source):
+        if chat_tokenizer:
             eos = QWEN_CHAT_EOS
         else:
             eos = list(cfg.eos_token_id)
