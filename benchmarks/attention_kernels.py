@@ -98,7 +98,7 @@ def main():
             variants.append(("packed4", jnp.repeat(jnp.arange(1, 5, dtype=jnp.int32), t // 4)[None]))
         fwd_flops = 2 * 2 * b * h * t * t * d / 2
         for variant, seg in variants:
-            def ref_fn(q, k, v):
+            def ref_fn(q, k, v, seg=seg):
                 return xla_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                                      segment_ids=seg)
 
@@ -109,10 +109,14 @@ def main():
                     continue
                 row = {"impl": name, "seq": t, "variant": variant, "heads": h, "kv_heads": kv, "head_dim": d}
                 try:
-                    fwd_bwd = jax.jit(lambda q, k, v, dout, impl=impl: (
-                        lambda out_vjp: (out_vjp[0], out_vjp[1](dout)))(jax.vjp(lambda q, k, v: impl(q, k, v, seg),
-                                                                                 q, k, v)))
-                    fwd = jax.jit(lambda q, k, v, impl=impl: impl(q, k, v, seg))
+                    attn = (lambda impl, seg: lambda q, k, v: impl(q, k, v, seg))(impl, seg)
+
+                    def fwd_and_grads(q, k, v, dout, attn=attn):
+                        out, vjp = jax.vjp(attn, q, k, v)
+                        return out, vjp(dout)
+
+                    fwd_bwd = jax.jit(fwd_and_grads)
+                    fwd = jax.jit(attn)
                     t_fwd, out = timed(fwd, q, k, v)
                     t_all, (out2, grads) = timed(fwd_bwd, q, k, v, dout)
                     row.update(fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_all * 1e3,
