@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -65,6 +66,10 @@ def implementations():
     return impls
 
 
+def _apply(impl, seg, q, k, v):
+    return impl(q, k, v, seg)
+
+
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -109,7 +114,7 @@ def main():
                     continue
                 row = {"impl": name, "seq": t, "variant": variant, "heads": h, "kv_heads": kv, "head_dim": d}
                 try:
-                    attn = (lambda impl, seg: lambda q, k, v: impl(q, k, v, seg))(impl, seg)
+                    attn = functools.partial(_apply, impl, seg)
 
                     def fwd_and_grads(q, k, v, dout, attn=attn):
                         out, vjp = jax.vjp(attn, q, k, v)
