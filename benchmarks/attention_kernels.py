@@ -107,7 +107,7 @@ def main():
                 # float32 reference; past 4k tokens the blockwise kernel (tested equal to the plain
                 # one on CPU) keeps the [T, T] float32 scores out of memory
                 q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-                if t <= 4096:
+                if q.shape[1] <= 4096:
                     return xla_attention(q, k, v, segment_ids=seg)
                 return blockwise_attention(q, k, v, segment_ids=seg, block_size=1024)
 
