@@ -219,9 +219,10 @@ def run(config, workdir: str) -> int:
     mesh_shape = {k: int(v) for k, v in config.mesh.items()}
     mesh = sh.make_mesh(mesh_shape)
     cfg, source, overrides = model_config(config)
-    if mesh.shape["seq"] > 1 and cfg.attention != "ring":
-        raise ConfigKeyError(f"mesh.seq={mesh.shape['seq']} shards the sequence, which needs ring attention "
-                             "(config key model.attention='ring', issue 7); use mesh.seq=1 until it lands")
+    ring = int(mesh.shape["seq"])
+    if ring > 1 and cfg.attention != "ring":
+        raise ConfigKeyError(f"mesh.seq={ring} shards the sequence, which needs ring attention: "
+                             "set model.attention='ring' (or mesh.seq=1)")
     gbs, seq_len = int(config.data.global_batch_size), int(config.data.seq_len)
     accum = int(config.grad_accum_steps)
     if gbs % pcount:
@@ -293,7 +294,7 @@ def run(config, workdir: str) -> int:
 
     train_step = ts.make_train_step(graphdef, tx, schedule, freeze, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
                                     chunk_size=int(config.loss.chunk_size), z_loss=float(config.loss.z_loss),
-                                    grad_accum_steps=accum)
+                                    grad_accum_steps=accum, zigzag=ring > 1)
     logger = metrics_lib.MetricsLogger(
         workdir, peak_flops=metrics_lib.peak_flops_per_device(float(config.peak_flops_per_device)),
         num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0)
@@ -309,7 +310,7 @@ def run(config, workdir: str) -> int:
     t_last = time.perf_counter()
     exit_code = 0
     while step < total:
-        local = next(data_iter)
+        local = ts.permute_batch_for_ring(next(data_iter), ring)
         batch = {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k]))
                  for k in ts.BATCH_KEYS}
         state, metrics = train_step(state, batch)

@@ -100,10 +100,14 @@ def test_sigkill_at_random_step_resumes_exactly(reference, tmp_path):
 
 def test_sigterm_saves_current_step_and_resumes_exactly(reference, tmp_path):
     _, ref, _ = reference
-    stop_at = random.Random().randint(2, TOTAL - 2)
+    stop_at = random.Random().randint(2, TOTAL - 4)
     proc = tl.launch(tmp_path, log=tmp_path / "run1.log")
     _wait_for_step(proc, tmp_path, stop_at)
+    # Freeze the process before signalling: steps take milliseconds with a warm compile cache, and
+    # a run that reaches TOTAL before the handler runs would not test preemption at all.
+    proc.send_signal(signal.SIGSTOP)
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
     assert proc.wait(timeout=120) == 0, (tmp_path / "run1.log").read_text()
     log = (tmp_path / "run1.log").read_text()
     last = max(tl.losses(tmp_path))

@@ -51,9 +51,13 @@ def chunked_cross_entropy(hidden, w_out, targets, loss_mask, *, chunk_size: int 
     return nll, z
 
 
-def model_loss_sums(model, batch, *, chunk_size: int = 1024):
-    """(NLL sum, z sum) of an NNX `Qwen` on a batch dict (input_ids, positions, segment_ids, targets, loss_mask)."""
-    hidden = model.hidden_states(batch["input_ids"], batch.get("positions"), batch.get("segment_ids"))
+def model_loss_sums(model, batch, *, chunk_size: int = 1024, zigzag: bool = False):
+    """(NLL sum, z sum) of an NNX `Qwen` on a batch dict (input_ids, positions, segment_ids, targets, loss_mask).
+
+    `zigzag`: the batch was permuted to ring attention's zig-zag order (all five arrays together,
+    targets shifted before); the token sum is order-invariant, so nothing is permuted back.
+    """
+    hidden = model.hidden_states(batch["input_ids"], batch.get("positions"), batch.get("segment_ids"), zigzag=zigzag)
     return chunked_cross_entropy(hidden, model.output_embedding(), batch["targets"], batch["loss_mask"],
                                  chunk_size=chunk_size)
 

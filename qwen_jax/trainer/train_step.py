@@ -94,15 +94,32 @@ def batch_shardings(mesh: Mesh, global_batch: int, seq_len: int) -> dict:
     return {k: s for k in BATCH_KEYS}
 
 
+def permute_batch_for_ring(batch: dict, ring: int) -> dict:
+    """Zig-zag order for ring attention over `ring` devices: all batch arrays permuted together.
+
+    Targets are already the shifted next tokens (the pipeline shifts them), so permuting every
+    array with the same index keeps each (token, position, segment, target, mask) row intact and
+    gives every device of the ring the same causal work.
+    """
+    if ring <= 1:
+        return batch
+    from qwen_jax.attention.ring import to_zigzag
+
+    return {k: (to_zigzag(v, ring, axis=1) if k in BATCH_KEYS else v) for k, v in batch.items()}
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, freeze: FreezeSpec, *,
                     mesh: Mesh, state_sh: dict, batch_sh: dict, chunk_size: int = 1024, z_loss: float = 0.0,
-                    grad_accum_steps: int = 1) -> Callable:
-    """`step(state, batch) -> (state, metrics)`, jitted, state donated."""
+                    grad_accum_steps: int = 1, zigzag: bool = False) -> Callable:
+    """`step(state, batch) -> (state, metrics)`, jitted, state donated.
+
+    `zigzag`: batches arrive in ring attention's zig-zag order (see `permute_batch_for_ring`).
+    """
     accum = int(grad_accum_steps)
 
     def loss_fn(params, batch, denom):
         model = nnx.merge(graphdef, params)
-        nll, z = model_loss_sums(model, batch, chunk_size=chunk_size)
+        nll, z = model_loss_sums(model, batch, chunk_size=chunk_size, zigzag=zigzag)
         return (nll + z_loss * z) / denom, (nll, z)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
