@@ -89,9 +89,10 @@ def init_state(params, tx, seed: int, shardings) -> dict:
     return jax.jit(make, out_shardings=shardings)(params)
 
 
-def batch_shardings(mesh: Mesh, global_batch: int, seq_len: int) -> dict:
+def batch_shardings(mesh: Mesh, global_batch: int, seq_len: int, keys=BATCH_KEYS) -> dict:
+    """Input shardings of the batch arrays; `positions`/`segment_ids` may be left out (one document per row)."""
     s = sh.batch_sharding(mesh, 2, (global_batch, seq_len))
-    return {k: s for k in BATCH_KEYS}
+    return {k: s for k in keys}
 
 
 def permute_batch_for_ring(batch: dict, ring: int) -> dict:
@@ -126,7 +127,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 
     def step(state, batch):
         params = state["params"]
-        batch = {k: batch[k] for k in BATCH_KEYS}
+        batch = {k: batch[k] for k in BATCH_KEYS if k in batch}
         denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         if accum == 1:
             (_, (nll, z)), grads = grad_fn(params, batch, denom)
