@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -275,7 +276,8 @@ def config_from_dict(raw: Mapping, source: str = "config.json", **overrides) -> 
         raise ConfigError(f"{source}: key 'layer_types' must be a list, got {type(layer_types).__name__}")
     theta, rope = normalise_rope(raw, source)
     unknown = sorted(set(rope) - _ROPE_KEYS)
-    if unknown:  # kept for round-trips, but say so: a typo here silently changes nothing
+    if unknown:  # a typo (e.g. "factr") would silently change nothing: say so
+        logging.warning("%s: ignoring unknown RoPE key(s) %s (known: %s)", source, unknown, sorted(_ROPE_KEYS))
         rope = {k: v for k, v in rope.items() if k in _ROPE_KEYS}
     eos = raw.get("eos_token_id")
     eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
@@ -394,19 +393,6 @@ def abstract_model(cfg: QwenConfig):
 def flat_paths(state) -> dict[tuple, object]:
     """{path tuple of str: leaf} over an nnx.State (variables or raw arrays)."""
     return {tuple(str(k) for k in path): leaf for path, leaf in nnx.to_flat_state(state)}
-
-
-def iter_hf_tensors(cfg: QwenConfig, state) -> Iterator[tuple[str, ParamSpec, int | None, np.ndarray]]:
-    """(hf_name, spec, layer, hf_array) for every tensor of a (host) state, one at a time."""
-    leaves = flat_paths(state)
-    for spec in param_table(cfg):
-        value = leaves[spec.path]
-        value = getattr(value, "value", value)
-        if spec.stacked:
-            for i in range(cfg.num_hidden_layers):
-                yield spec.hf_name.format(i=i), spec, i, to_hf(spec, np.asarray(value[i]))
-        else:
-            yield spec.hf_name, spec, None, to_hf(spec, np.asarray(value))
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, mesh=None, **config_overrides) -> Qwen:

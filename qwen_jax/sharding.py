@@ -16,7 +16,6 @@ import math
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "seq")
@@ -130,7 +129,3 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, shape=None) -> NamedSharding:
     axes = ("batch", "length") + (None,) * (ndim - 2)
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
 
-
-def host_array_to_global(mesh: Mesh, arr: np.ndarray, sharding: NamedSharding):
-    """A global jax.Array from a host numpy array present on every process (single- and multi-host)."""
-    return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_helpers import make_qkv, rel_err
 
 from qwen_jax.attention import attend
 from qwen_jax.attention.blockwise import BlockAux, BlockSpec, block_attention, blockwise_attention
@@ -16,14 +17,8 @@ from qwen_jax.attention.reference import xla_attention
 TOL = 1e-5
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def make_qkv(b, t, h, kv, d, seed=0):
-    rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((b, t, h, d), (b, t, kv, d), (b, t, kv, d)))
 
 
 def packed_segments(b, t, seed=0):

@@ -111,3 +111,10 @@ def test_to_hf_dict_reads_back_identically():
     assert config_from_dict(to_hf_dict(cfg)) == cfg
     hf = Qwen2Config(**to_hf_dict(cfg))
     assert hf.rope_parameters["factor"] == 4.0 and hf.tie_word_embeddings
+
+
+def test_unknown_rope_key_is_reported(caplog):
+    with caplog.at_level("WARNING"):
+        cfg = config_from_dict({**SMALL, "rope_scaling": {"type": "linear", "factor": 2.0, "factr": 4.0}})
+    assert cfg.rope == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert "ignoring unknown RoPE key(s) ['factr']" in caplog.text

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_helpers import rel_err
 
 from qwen_jax.attention import DcaContext, dca
 from qwen_jax.attention.dca import (
@@ -60,9 +61,6 @@ PAIRS = {
 BRANCHES = ("intra", "succ", "inter")
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 # ---------------------------------------------------------------------------------------------
