@@ -212,8 +212,7 @@ def run(config, workdir: str) -> int:
 
     say = metrics_lib.say
     pidx, pcount = jax.process_index(), jax.process_count()
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = os.path.abspath(workdir)  # created only once the config has been validated
 
     # ---- mesh and model
     mesh_shape = {k: int(v) for k, v in config.mesh.items()}
@@ -265,6 +264,7 @@ def run(config, workdir: str) -> int:
         data_iter = make_pipeline(config.data, process_index=pidx, process_count=pcount).iterator()
 
     # ---- state: resume, or init
+    os.makedirs(workdir, exist_ok=True)
     ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
     ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=int(config.keep_checkpoints),
                                  async_save=bool(config.async_checkpointing))
