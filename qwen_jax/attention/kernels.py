@@ -29,6 +29,68 @@ def cudnn_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=Non
     return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, implementation="cudnn")
 
 
+# ----------------------------------------------------------------------------------------------
+# cuDNN as the per-step core of ring attention (same contract as `reference.dense_block_*`)
+#
+# Ring attention needs, per step, a block's (out, lse) in float32 and a backward that takes the
+# *final* out/lse of the whole ring (FlashAttention's recompute-with-global-statistics).  JAX's
+# public `jax.nn.dot_product_attention` offers neither, but its cuDNN module does:
+# `dot_product_attention(..., return_residual=True)` returns the float32 softmax statistics
+# (natural-log LSE, [b, h, t]), and the backward primitive takes the statistics and forward
+# output as operands.  Both are internal JAX API: `cudnn_block_supported` checks they exist and
+# `benchmarks/ring_scaling.py --check` compares the pair with `reference.dense_block_*` on GPU.
+
+
+def _cudnn_module():
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    return fa
+
+
+def cudnn_block_supported(dtype) -> bool:
+    """cuDNN ring core usable here: GPU, 16-bit inputs, and JAX's cuDNN internals as expected."""
+    if jax.default_backend() != "gpu" or jnp.dtype(dtype).itemsize != 2:
+        return False
+    try:
+        fa = _cudnn_module()
+        return all(hasattr(fa, n) for n in ("dot_product_attention", "_dot_product_attention_bwd_p_wrapper",
+                                            "MaskType", "AttentionLayout"))
+    except Exception:
+        return False
+
+
+def _stat_to_rows(stat, b, t, h):
+    """cuDNN softmax statistics -> [b, t, h] float32 (JAX gives [b, h, t] for the BTNH layout)."""
+    if stat.shape == (b, h, t):
+        stat = jnp.swapaxes(stat, 1, 2)
+    if stat.shape != (b, t, h):
+        raise NotImplementedError(f"unexpected cuDNN softmax statistics shape {stat.shape} for q [{b}, {t}, {h}, .]")
+    return stat.astype(jnp.float32)
+
+
+def cudnn_block_fwd(q, k, v, *, causal: bool, scale: float):
+    """(out float32 [b, tq, h, d], lse float32 [b, tq, h]) of one block pair through cuDNN flash attention."""
+    fa = _cudnn_module()
+    mask = fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK
+    out, stat = fa.dot_product_attention(q, k, v, scale=scale, mask_type=mask, qkv_layout="BTNH",
+                                         return_residual=True)
+    b, t, h, _ = q.shape
+    return out.astype(jnp.float32), _stat_to_rows(stat, b, t, h)
+
+
+def cudnn_block_bwd(q, k, v, out, lse, dout, *, causal: bool, scale: float):
+    """(dq, dk, dv) float32 of one block pair given the final `out`/`lse` of every query row (cuDNN backward)."""
+    fa = _cudnn_module()
+    mask = fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK
+    unused = jnp.zeros(0, q.dtype)
+    stat = jnp.swapaxes(lse.astype(jnp.float32), 1, 2)  # [b, h, t]
+    grads = fa._dot_product_attention_bwd_p_wrapper.bind(
+        q, k, v, unused, unused, unused, unused, unused, unused, unused, stat, out.astype(q.dtype),
+        dout.astype(q.dtype), scale=scale, seed=42, dropout_rate=0.0, variadic_args=(False, False),
+        mask_type=mask, layout=fa.AttentionLayout.BTNH.value, sliding_window_length=None)
+    return tuple(x.astype(jnp.float32) for x in grads[:3])
+
+
 def segment_starts(segment_ids):
     """Index of the first token of each token's (contiguous) segment, [batch, seq] int32."""
     t = segment_ids.shape[1]

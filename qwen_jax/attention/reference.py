@@ -45,3 +45,43 @@ def xla_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, sliding_win
     lse = (row_max + jnp.log(denom))[..., 0]  # [b, kv, g, t]; -inf for fully masked rows
     lse = jnp.where(denom[..., 0] == 0, -jnp.inf, lse)
     return out, lse.reshape(b, h, t).transpose(0, 2, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# dense block contract (ring attention's fused-kernel core; `kernels.cudnn_block_*` is the GPU one)
+
+
+def dense_block_fwd(q, k, v, *, causal: bool, scale: float):
+    """(out float32 [b, tq, h, d], lse float32 [b, tq, h]) of one block pair, causal (top-left) or unmasked.
+
+    The XLA twin of `kernels.cudnn_block_fwd`: same contract, runs anywhere (CPU tests of the
+    ring's kernel path, and the GPU check of the cuDNN block).
+    """
+    out, lse = xla_attention(q, k, v, scale=scale, causal=causal, return_lse=True)
+    return out.astype(jnp.float32), lse
+
+
+def dense_block_bwd(q, k, v, out, lse, dout, *, causal: bool, scale: float):
+    """(dq, dk, dv) float32 of one block pair given the *final* `out`/`lse` of each query row.
+
+    `out`/`lse` come from the whole attention (other key blocks contributed too): the softmax
+    probabilities of this block are exp(s - lse), and D = rowsum(dout * out), exactly as in
+    FlashAttention's backward.  Rows with lse = -inf get zero gradients.
+    """
+    b, t, h, d = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    qg = q.reshape(b, t, kv, g, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if causal:
+        logits = jnp.where(attention_mask(t, s, causal=True)[:, None, None], logits, -jnp.inf)
+    lse_g = lse.astype(jnp.float32).reshape(b, t, kv, g).transpose(0, 2, 3, 1)[..., None]  # [b, kv, g, t, 1]
+    p = jnp.where(jnp.isfinite(lse_g), jnp.exp(logits - jnp.where(jnp.isfinite(lse_g), lse_g, 0.0)), 0.0)
+    do = dout.astype(jnp.float32).reshape(b, t, kv, g, d)
+    delta = jnp.sum(do * out.astype(jnp.float32).reshape(b, t, kv, g, d), axis=-1).transpose(0, 2, 3, 1)
+    dv = jnp.einsum("bkgts,btkgd->bskd", p, do)
+    dp = jnp.einsum("btkgd,bskd->bkgts", do, v.astype(jnp.float32))
+    ds = p * (dp - delta[..., None]) * scale
+    dq = jnp.einsum("bkgts,bskd->btkgd", ds, k.astype(jnp.float32)).reshape(b, t, h, d)
+    dk = jnp.einsum("bkgts,btkgd->bskd", ds, qg.astype(jnp.float32))
+    return dq, dk, dv

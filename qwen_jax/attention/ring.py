@@ -4,7 +4,9 @@
 `seq` mesh axis and runs a `jax.shard_map` over that axis.  Each device keeps its queries;
 K/V blocks (with their segment ids) travel around the ring with `lax.ppermute` (device i
 sends to i+1; at step t device d holds the block of device `src = (d - t) mod n`).  Each step
-is one call of the block kernel of `blockwise.py` (online softmax over key sub-blocks), and
+is one call of a per-step core, the blockwise kernel of `blockwise.py` (online softmax over
+key sub-blocks, any mask) or, for plain causal attention on GPU, cuDNN flash attention
+(`kernels.cudnn_block_*`: causal on the diagonal step, unmasked elsewhere), and
 the per-step `(out, lse)` are merged in float32 with the LSE rule of §5.2(b).  The backward
 (`custom_vjp` around the whole ring) recomputes every step with the *final* LSE and sends the
 dK/dV accumulators around the ring together with K/V: n permutes, so they land home.
@@ -37,8 +39,10 @@ from qwen_jax.attention.blockwise import BlockAux, BlockSpec, attention_bwd, att
 
 LAYOUTS = ("zigzag", "contiguous")
 
-# step kinds (lax.switch index)
-_ALL, _KV_FIRST_HALF, _Q_SECOND_HALF, _SKIP = 0, 1, 2, 3
+CORES = ("auto", "blockwise", "cudnn", "dense")
+
+# step kinds (lax.switch index); _DIAG is step 0 (a device's own block: causal on the diagonal)
+_ALL, _KV_FIRST_HALF, _Q_SECOND_HALF, _SKIP, _DIAG = 0, 1, 2, 3, 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,7 +103,7 @@ def step_work_per_device(seq_len: int, n: int, layout: str) -> list[int]:
     """(query, key) pairs each device *evaluates* over the ring, following the step kinds the
     kernel selects (diagonal / first-half KV / second-half queries / skip)."""
     tl = seq_len // n
-    sizes = {_ALL: tl * tl, _KV_FIRST_HALF: tl * (tl // 2), _Q_SECOND_HALF: (tl // 2) * tl, _SKIP: 0}
+    sizes = {_ALL: tl * tl, _KV_FIRST_HALF: tl * (tl // 2), _Q_SECOND_HALF: (tl // 2) * tl, _SKIP: 0, _DIAG: tl * tl}
     return [sum(sizes[int(_step_kind(layout, t, d, n))] for t in range(n)) for d in range(n)]
 
 
@@ -110,8 +114,8 @@ def step_work_per_device(seq_len: int, n: int, layout: str) -> list[int]:
 def _step_kind(layout, t, d, n):
     src = (d - t) % n
     if layout == "contiguous":
-        return jnp.where(t == 0, _ALL, jnp.where(src < d, _ALL, _SKIP))
-    return jnp.where(t == 0, _ALL, jnp.where(src < d, _KV_FIRST_HALF, _Q_SECOND_HALF))
+        return jnp.where(t == 0, _DIAG, jnp.where(src < d, _ALL, _SKIP))
+    return jnp.where(t == 0, _DIAG, jnp.where(src < d, _KV_FIRST_HALF, _Q_SECOND_HALF))
 
 
 def _sl(tree, lo, hi):
@@ -126,13 +130,83 @@ def _aux(q_idx, kv_idx, qside, kvside):
                     q_scale=q_scale)
 
 
+def _dense_core(core):
+    """(fwd, bwd) of a fused block kernel: the diagonal step is top-left causal, every other step unmasked."""
+    if core == "cudnn":
+        from qwen_jax.attention.kernels import cudnn_block_bwd, cudnn_block_fwd
+
+        return cudnn_block_fwd, cudnn_block_bwd
+    from qwen_jax.attention.reference import dense_block_bwd, dense_block_fwd
+
+    return dense_block_fwd, dense_block_bwd
+
+
 class _Ring:
     """Per-device ring over `axis_name`.  Query side: variants `qs` and `qside = (seg, pos, scale)`;
-    travelling key side: `k, v, kvside = (seg, pos)` (None entries allowed)."""
+    travelling key side: `k, v, kvside = (seg, pos)` (None entries allowed).
 
-    def __init__(self, axis_name, n, layout, spec: BlockSpec):
-        self.axis_name, self.n, self.layout, self.spec = axis_name, n, layout, spec
+    `core`: what computes one step.  `blockwise`: the online-softmax kernel of `blockwise.py`
+    with masks from global token indices (segments, windows, DCA: anything).  `cudnn` / `dense`:
+    a fused kernel that only knows "causal on the diagonal" or "no mask", which is all a ring
+    needs without segments or windows: in both layouts the diagonal step is the device's own
+    block (local order is increasing), and every other step is either fully visible or, in the
+    zig-zag layout, a fully visible half (first half of the keys, or second half of the queries).
+    """
+
+    def __init__(self, axis_name, n, layout, spec: BlockSpec, core="blockwise"):
+        self.axis_name, self.n, self.layout, self.spec, self.core = axis_name, n, layout, spec, core
         self.perm = [(i, (i + 1) % n) for i in range(n)]
+        if core != "blockwise":
+            self.step_fwd, self.step_bwd = self._dense_step_fwd, self._dense_step_bwd
+            self.block_fwd, self.block_bwd = _dense_core(core)
+
+    # ---- steps through a fused kernel (no segments / window / DCA: checked by the caller)
+    def _dense_step_fwd(self, kind, qs, qside, q_idx, kv, kv_idx):
+        (q,), (k, v, _) = qs, kv
+        tl, half, scale = q.shape[1], q.shape[1] // 2, self.spec.scale
+        f = self.block_fwd
+        b, _, h, dd = q.shape
+
+        def q_second_half():
+            o, lse = f(q[:, half:], k, v, causal=False, scale=scale)
+            return (jnp.concatenate([jnp.zeros_like(o), o], axis=1),
+                    jnp.concatenate([jnp.full_like(lse, -jnp.inf), lse], axis=1))
+
+        def skip():
+            return jnp.zeros((b, tl, h, dd), jnp.float32), jnp.full((b, tl, h), -jnp.inf, jnp.float32)
+
+        return lax.switch(kind, [lambda: f(q, k, v, causal=False, scale=scale),
+                                 lambda: f(q, k[:, :half], v[:, :half], causal=False, scale=scale),
+                                 q_second_half, skip,
+                                 lambda: f(q, k, v, causal=True, scale=scale)])
+
+    def _dense_step_bwd(self, kind, qs, qside, q_idx, kv, kv_idx, out, lse, dout):
+        (q,), (k, v, _) = qs, kv
+        half, scale = q.shape[1] // 2, self.spec.scale
+        f = self.block_bwd
+
+        def pad_kv(x):
+            return jnp.concatenate([x, jnp.zeros_like(x)], 1)
+
+        def kv_first_half():
+            dq, dk, dv = f(q, k[:, :half], v[:, :half], out, lse, dout, causal=False, scale=scale)
+            return (dq,), pad_kv(dk), pad_kv(dv)
+
+        def q_second_half():
+            dq, dk, dv = f(q[:, half:], k, v, out[:, half:], lse[:, half:], dout[:, half:], causal=False, scale=scale)
+            return (jnp.concatenate([jnp.zeros_like(dq), dq], 1),), dk, dv
+
+        def skip():
+            zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+            return (zeros(q),), zeros(k), zeros(v)
+
+        def whole(causal):
+            def run():
+                dq, dk, dv = f(q, k, v, out, lse, dout, causal=causal, scale=scale)
+                return (dq,), dk, dv
+            return run
+
+        return lax.switch(kind, [whole(False), kv_first_half, q_second_half, skip, whole(True)])
 
     def send(self, tree):
         return jax.tree.map(lambda x: lax.ppermute(x, self.axis_name, self.perm), tree)
@@ -164,7 +238,7 @@ class _Ring:
             b, _, h, dd = qs[0].shape
             return jnp.zeros((b, tl, h, dd), jnp.float32), jnp.full((b, tl, h), -jnp.inf, jnp.float32)
 
-        return lax.switch(kind, [all_, kv_first_half, q_second_half, skip])
+        return lax.switch(kind, [all_, kv_first_half, q_second_half, skip, all_])
 
     # ---- backward of one step: (dqs f32, dk f32, dv f32) contributed by the held kv
     def step_bwd(self, kind, qs, qside, q_idx, kv, kv_idx, out, lse, dout):
@@ -193,7 +267,7 @@ class _Ring:
         def skip():
             return tuple(zeros_like_f32(x) for x in qs), zeros_like_f32(kv[0]), zeros_like_f32(kv[1])
 
-        return lax.switch(kind, [all_, kv_first_half, q_second_half, skip])
+        return lax.switch(kind, [all_, kv_first_half, q_second_half, skip, all_])
 
     # ---- whole ring
     def forward(self, qs, k, v, qside):
@@ -250,9 +324,9 @@ def _zero_cotangent(x):
     return np.zeros(x.shape, jax.dtypes.float0)
 
 
-def _make_local_fn(axis_name, n, layout, spec: BlockSpec):
+def _make_local_fn(axis_name, n, layout, spec: BlockSpec, core="blockwise"):
     """custom_vjp ring on local shards: (qs, k, v, qside=(seg, pos, scale)) -> out [b, tl, h, d]."""
-    ring = _Ring(axis_name, n, layout, spec)
+    ring = _Ring(axis_name, n, layout, spec, core)
 
     @jax.custom_vjp
     def local(qs, k, v, qside):
@@ -300,7 +374,7 @@ def _ring_size(mesh, axis_name):
     return mesh, n
 
 
-def _ring_call(qs, k, v, *, seg, pos, q_scale, mesh, n, axis_name, layout, spec_kw, block_size):
+def _ring_call(qs, k, v, *, seg, pos, q_scale, mesh, n, axis_name, layout, spec_kw, block_size, core="blockwise"):
     """shard_map the custom_vjp ring over `axis_name`; qs, k, v, seg, pos, q_scale are global arrays."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown ring layout {layout!r}; expected one of {LAYOUTS}")
@@ -315,7 +389,7 @@ def _ring_call(qs, k, v, *, seg, pos, q_scale, mesh, n, axis_name, layout, spec_
     blk = max(1, min(int(block_size), tl // 2 if layout == "zigzag" else tl))
     spec = BlockSpec(block_q=blk, block_k=blk, **spec_kw)
     x_spec, row_spec = _specs(mesh, qs[0], k, axis_name)
-    local = _make_local_fn(axis_name, n, layout, spec)
+    local = _make_local_fn(axis_name, n, layout, spec, core)
     nv = len(qs)
     present = [x is not None for x in (seg, pos, q_scale)]
     side = [x for x in (seg, pos, q_scale) if x is not None]
@@ -332,8 +406,23 @@ def _ring_call(qs, k, v, *, seg, pos, q_scale, mesh, n, axis_name, layout, spec_
     return fn(*qs, k, v, *side)
 
 
+def resolve_core(core: str, dtype, *, segment_ids=None, sliding_window=None) -> str:
+    """`auto` -> `cudnn` where a fused block kernel applies (GPU, 16-bit, no segments, no window), else `blockwise`."""
+    if core not in CORES:
+        raise ValueError(f"unknown ring core {core!r}; expected one of {CORES}")
+    plain = segment_ids is None and sliding_window is None
+    if core == "auto":
+        from qwen_jax.attention.kernels import cudnn_block_supported
+
+        return "cudnn" if plain and cudnn_block_supported(dtype) else "blockwise"
+    if core != "blockwise" and not plain:
+        raise ValueError(f"ring core {core!r} supports plain causal attention only (no segment_ids, no "
+                         "sliding_window); use core='blockwise'")
+    return core
+
+
 def ring_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None, block_size=512, mesh=None,
-                   axis_name="seq", layout="zigzag"):
+                   axis_name="seq", layout="zigzag", core="auto"):
     """Causal self-attention sequence-parallel over mesh axis `axis_name` (global arrays in, global out).
 
     q [batch, seq, heads, head_dim], k/v [batch, seq, kv_heads, head_dim], `segment_ids`
@@ -341,7 +430,8 @@ def ring_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None
     kept).  With `layout="zigzag"` the inputs must already be in zig-zag order (`to_zigzag`,
     applied together to tokens, positions, segment ids and targets); the output is in the same
     order.  `mesh`: default the mesh set with `jax.set_mesh` (abstract mesh).  Without a mesh or
-    with a seq axis of size 1 this is `blockwise_attention`.
+    with a seq axis of size 1 this is `blockwise_attention`.  `core`: the per-step kernel
+    (`resolve_core`: cuDNN flash attention on GPU where it applies, else the blockwise kernel).
     """
     mesh, n = _ring_size(mesh, axis_name)
     if n == 1:
@@ -350,8 +440,9 @@ def ring_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     seg = None if segment_ids is None else jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), q.shape[:2])
     spec_kw = dict(scale=scale, sliding_window=None if sliding_window is None else int(sliding_window))
+    core = resolve_core(core, q.dtype, segment_ids=segment_ids, sliding_window=sliding_window)
     return _ring_call((q,), k, v, seg=seg, pos=None, q_scale=None, mesh=mesh, n=n, axis_name=axis_name,
-                      layout=layout, spec_kw=spec_kw, block_size=block_size)
+                      layout=layout, spec_kw=spec_kw, block_size=block_size, core=core)
 
 
 def ring_dca_attention(q, k, v, *, positions, segment_ids=None, inv_freq, chunk_size, local_size,
@@ -381,5 +472,5 @@ def ring_dca_attention(q, k, v, *, positions, segment_ids=None, inv_freq, chunk_
                       layout=layout, spec_kw=spec_kw, block_size=block_size)
 
 
-__all__ = ["ring_attention", "ring_dca_attention", "zigzag_permutation", "zigzag_inverse_permutation", "to_zigzag",
+__all__ = ["ring_attention", "resolve_core", "ring_dca_attention", "zigzag_permutation", "zigzag_inverse_permutation", "to_zigzag",
            "from_zigzag", "local_indices", "work_per_device", "step_work_per_device"]

@@ -1,0 +1,335 @@
+"""Ring attention on two GPUs against one GPU holding half the sequence (issue: long context).
+
+    python benchmarks/ring_scaling.py --check                  # cuDNN ring core vs references
+    python benchmarks/ring_scaling.py --seqs 65536,131072      # attention + train-step scaling
+
+Every measurement runs in its own subprocess (clean memory pool and peak counter):
+
+* `check`: the cuDNN block pair (`kernels.cudnn_block_fwd/bwd`, JAX's internal cuDNN API with
+  float32 LSE) against its XLA twin (`reference.dense_block_*`), and ring attention over two GPUs
+  (cuDNN core and blockwise core) against float32 full attention: forward and gradients.
+* `attn`: attention alone, forward + backward, 16 query / 2 KV heads, head_dim 128, bf16:
+  the ring over 2 GPUs at L tokens vs cuDNN on 1 GPU at L/2 and at L.
+* `train`: a Qwen2-0.5B-shaped training step (AdamW, chunked loss, remat/scan from --variant):
+  `attention="ring"` on a mesh {seq: 2} at L tokens vs `attention="cudnn"` on 1 GPU at L/2.
+
+Scaling efficiency.  With causal attention a device of the 2-GPU ring holding L/2 tokens does
+more attention work than one GPU with a sequence of L/2 (its queries see up to L keys), so the
+raw step-time ratio T1(L/2) / T2(L) understates the ring.  We report both:
+
+    efficiency = [F(L) / (2 * T2(L))] / [F(L/2) / T1(L/2)]      (model FLOP/s per GPU, ring / single)
+    time ratio = T1(L/2) / T2(L)
+
+with F(L) = model FLOPs of one sequence of L tokens (`metrics.flops_per_token(cfg, L) * L`, the
+causal convention of `train_throughput.py`; attention for `attn` rows: 3.5 * 2*2*H*D*L^2/2).
+Results: table on stdout, JSON in benchmarks/results/ring_scaling.json (and $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
+
+HEADS, KV_HEADS, HEAD_DIM = 16, 2, 128
+
+
+def _timed(fn, *args, reps=5):
+    import jax
+
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def _peak_gib():
+    import jax
+
+    return max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()) / 2**30
+
+
+def _rel(a, b):
+    import jax.numpy as jnp
+
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
+
+
+# ------------------------------------------------------------------ workers
+def worker_check(seq):
+    import jax
+    import jax.numpy as jnp
+
+    from qwen_jax.attention.blockwise import blockwise_attention
+    from qwen_jax.attention.kernels import cudnn_block_bwd, cudnn_block_fwd, cudnn_block_supported
+    from qwen_jax.attention.reference import dense_block_bwd, dense_block_fwd
+    from qwen_jax.attention.ring import from_zigzag, ring_attention, to_zigzag
+    from qwen_jax.sharding import make_mesh
+
+    rows = {"cudnn_block_supported": cudnn_block_supported(jnp.bfloat16)}
+    keys = jax.random.split(jax.random.key(0), 4)
+    scale = HEAD_DIM**-0.5
+    # block pair: causal square and unmasked rectangular blocks, bf16 inputs
+    for name, tq, tk, causal in (("diag", 1024, 1024, True), ("kv_half", 1024, 512, False),
+                                 ("q_half", 512, 1024, False)):
+        q = jax.random.normal(keys[0], (2, tq, HEADS, HEAD_DIM), jnp.bfloat16)
+        k = jax.random.normal(keys[1], (2, tk, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+        v = jax.random.normal(keys[2], (2, tk, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+        do = jax.random.normal(keys[3], (2, tq, HEADS, HEAD_DIM), jnp.bfloat16)
+        o_ref, l_ref = jax.jit(lambda q, k, v, c=causal: dense_block_fwd(q, k, v, causal=c, scale=scale))(q, k, v)
+        o, lse = jax.jit(lambda q, k, v, c=causal: cudnn_block_fwd(q, k, v, causal=c, scale=scale))(q, k, v)
+        # the backward fed the *reference* statistics, as the ring feeds the merged ones
+        g_ref = jax.jit(lambda *a, c=causal: dense_block_bwd(*a, causal=c, scale=scale))(
+            q, k, v, o_ref.astype(jnp.bfloat16), l_ref, do)
+        g = jax.jit(lambda *a, c=causal: cudnn_block_bwd(*a, causal=c, scale=scale))(
+            q, k, v, o_ref.astype(jnp.bfloat16), l_ref, do)
+        rows[f"block_{name}"] = {"lse_dtype": str(lse.dtype), "lse_max_abs_err": float(jnp.max(jnp.abs(lse - l_ref))),
+                                 "out_rel_err": _rel(o, o_ref),
+                                 **{f"d{x}_rel_err": _rel(a, b) for x, a, b in zip("qkv", g, g_ref, strict=True)}}
+    # ring over 2 GPUs vs float32 attention
+    n = 2
+    mesh = make_mesh({"seq": n}, devices=jax.devices()[:n])
+    shape_q, shape_kv = (1, seq, HEADS, HEAD_DIM), (1, seq, KV_HEADS, HEAD_DIM)
+    q = jax.random.normal(keys[0], shape_q, jnp.bfloat16)
+    k = jax.random.normal(keys[1], shape_kv, jnp.bfloat16)
+    v = jax.random.normal(keys[2], shape_kv, jnp.bfloat16)
+    do = jax.random.normal(keys[3], shape_q, jnp.bfloat16)
+
+    def out_grads(fn):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(do)
+
+    ref = jax.jit(lambda: out_grads(lambda q, k, v: blockwise_attention(
+        *(x.astype(jnp.float32) for x in (q, k, v)), block_size=1024)))()
+    def z(x):
+        return to_zigzag(x, n)
+
+    for core in ("cudnn", "blockwise"):
+        got = jax.jit(lambda c=core: out_grads(lambda q, k, v: from_zigzag(
+            ring_attention(z(q), z(k), z(v), mesh=mesh, core=c, block_size=1024), n)))()
+        rows[f"ring2_{core}_seq{seq}"] = {"out_rel_err": _rel(got[0], ref[0]),
+                                          **{f"d{x}_rel_err": _rel(a, b)
+                                             for x, a, b in zip("qkv", got[1], ref[1], strict=True)}}
+    # cuDNN on one GPU for scale: the error every bf16 kernel has
+    one = jax.jit(lambda: out_grads(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn")))()
+    rows[f"cudnn1_seq{seq}"] = {"out_rel_err": _rel(one[0], ref[0]),
+                                **{f"d{x}_rel_err": _rel(a, b) for x, a, b in zip("qkv", one[1], ref[1], strict=True)}}
+    return rows
+
+
+def worker_attn(impl, seq, ngpu):
+    import jax
+    import jax.numpy as jnp
+
+    from qwen_jax.attention.ring import ring_attention
+    from qwen_jax.sharding import batch_sharding, make_mesh
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (1, seq, HEADS, HEAD_DIM), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (1, seq, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (1, seq, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    do = jax.random.normal(keys[3], (1, seq, HEADS, HEAD_DIM), jnp.bfloat16)
+    if impl == "cudnn":
+        attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # noqa: E731
+    else:  # ring_cudnn / ring_blockwise; inputs taken as already zig-zag ordered (random data)
+        mesh = make_mesh({"seq": ngpu}, devices=jax.devices()[:ngpu])
+        s = batch_sharding(mesh, 4, q.shape)
+        q, k, v, do = (jax.device_put(x, s) for x in (q, k, v, do))
+        core = impl.split("_", 1)[1]
+        attn = lambda q, k, v: ring_attention(q, k, v, mesh=mesh, core=core, block_size=1024)  # noqa: E731
+
+    def fwd_bwd(q, k, v, do):
+        out, vjp = jax.vjp(attn, q, k, v)
+        return vjp(do)
+
+    step_s, _ = _timed(jax.jit(fwd_bwd), q, k, v, do)
+    return {"step_s": step_s, "peak_gib": _peak_gib(), "flops": 3.5 * 2 * 2 * HEADS * HEAD_DIM * seq * seq / 2,
+            "device": jax.devices()[0].device_kind}
+
+
+def worker_train(seq, ngpu, variant, steps, preset="qwen2-0.5b", single="cudnn"):
+    import jax
+    import numpy as np
+
+    from configs.base import get_config
+    from configs.model_presets import get_preset
+    from qwen_jax import sharding
+    from qwen_jax.config import config_from_dict
+    from qwen_jax.metrics import flops_per_token
+    from qwen_jax.trainer import optimizer as opt
+    from qwen_jax.trainer import train_step as ts
+
+    remat, scan, chunk = variant.split("/")
+    ring = ngpu > 1
+    cfg = config_from_dict(get_preset(preset), dtype="bfloat16", param_dtype="float32",
+                           attention="ring" if ring else single, remat=remat, scan_layers=scan == "scan")
+    mesh = sharding.make_mesh({"seq": ngpu}, devices=jax.devices()[:ngpu])
+    c = get_config()
+    graphdef, abstract, p_sh = ts.param_shardings(cfg, mesh)
+    params = ts.init_params(cfg, 0, p_sh)
+    spec = opt.resolve_freeze(params)
+    tx, sched = opt.make_optimizer(params, c.optimizer, 1000, spec)
+    state_sh = ts.state_shardings(tx, abstract, p_sh, mesh)
+    state = ts.init_state(params, tx, 0, state_sh)
+    del params
+    keys = ("input_ids", "positions", "targets", "loss_mask")
+    batch_sh = ts.batch_shardings(mesh, 1, seq, keys=keys)
+    step = ts.make_train_step(graphdef, tx, sched, spec, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
+                              chunk_size=int(chunk), zigzag=ring)
+    rng = np.random.default_rng(0)
+
+    def make_batch():
+        ids = rng.integers(0, cfg.vocab_size, (1, seq + 1), dtype=np.int32)
+        host = {"input_ids": ids[:, :-1], "positions": np.arange(seq, dtype=np.int32)[None],
+                "targets": ids[:, 1:], "loss_mask": np.ones((1, seq), np.float32)}
+        host = ts.permute_batch_for_ring(host, ngpu)  # zig-zag: tokens, positions, targets together
+        return {k: jax.device_put(v, batch_sh[k]) for k, v in host.items()}
+
+    batches = [make_batch() for _ in range(2)]
+    t0 = time.perf_counter()
+    state, m = step(state, batches[0])
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    state, m = step(state, batches[1])
+    jax.block_until_ready(m)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        state, m = step(state, batches[i % 2])
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    return {"step_s": statistics.median(times), "compile_s": compile_s, "loss": float(m["loss"]),
+            "peak_gib": _peak_gib(), "flops": flops_per_token(cfg, seq) * seq,
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+
+# ------------------------------------------------------------------ driver
+def run_worker(args_list, ngpu, timeout):
+    cmd = [sys.executable, __file__, "--worker", *args_list]
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92")
+    env.setdefault("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=true")
+    if ngpu == 1:
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout}s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (p.stderr or p.stdout).strip().splitlines()
+    oom = any("RESOURCE_EXHAUSTED" in x or "out of memory" in x for x in tail)
+    errors = [x for x in tail if re.match(r"^\w*(Error|Exception)\b", x)]
+    last = errors[-1] if errors else (tail[-1] if tail else f"exit {p.returncode}")
+    return {"error": "out of memory" if oom else last[:300]}
+
+
+def _efficiency(two, one):
+    if "error" in two or "error" in one:
+        return None, None
+    per_gpu_two = two["flops"] / (2 * two["step_s"])
+    per_gpu_one = one["flops"] / one["step_s"]
+    return per_gpu_two / per_gpu_one, one["step_s"] / two["step_s"]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--check", action="store_true", help="correctness of the cuDNN ring core, then stop")
+    p.add_argument("--check_seq", type=int, default=8192)
+    p.add_argument("--seqs", default="65536,131072")
+    p.add_argument("--attn_seqs", default="", help="attention-only rows (default: --seqs)")
+    p.add_argument("--cores", default="cudnn,blockwise", help="ring cores for the attention-only rows")
+    p.add_argument("--variant", default="full/scan/4096", help="train step: remat/scan|noscan/loss chunk")
+    p.add_argument("--skip_train", action="store_true")
+    p.add_argument("--preset", default="qwen2-0.5b", help="model preset of the train rows (tiny: CPU smoke test)")
+    p.add_argument("--single", default="cudnn", help="attention of the 1-GPU train rows (xla for a CPU smoke test)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--timeout", type=int, default=500)
+    p.add_argument("--worker")
+    p.add_argument("--impl", default="")
+    p.add_argument("--seq", type=int, default=0)
+    p.add_argument("--ngpu", type=int, default=1)
+    p.add_argument("--out", default=os.environ.get("OUT", ""))
+    args = p.parse_args()
+    if args.worker:
+        if args.worker == "check":
+            res = worker_check(args.seq)
+        elif args.worker == "attn":
+            res = worker_attn(args.impl, args.seq, args.ngpu)
+        else:
+            res = worker_train(args.seq, args.ngpu, args.variant, args.steps, args.preset, args.single)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    result = {"date": datetime.date.today().isoformat(), "attention": [], "train": []}
+    if args.check:
+        res = run_worker(["check", "--seq", str(args.check_seq)], 2, args.timeout)
+        result["check"] = res
+        print(json.dumps(res, indent=1), flush=True)
+    else:
+        for seq in [int(s) for s in (args.attn_seqs or args.seqs).split(",") if s]:
+            one_half = run_worker(["attn", "--impl", "cudnn", "--seq", str(seq // 2)], 1, args.timeout)
+            one_full = run_worker(["attn", "--impl", "cudnn", "--seq", str(seq)], 1, args.timeout)
+            for r, impl, s in ((one_half, "cudnn 1 GPU", seq // 2), (one_full, "cudnn 1 GPU", seq)):
+                result["attention"].append({"impl": impl, "seq": s, "ngpu": 1, **r})
+                print(json.dumps(result["attention"][-1]), flush=True)
+            for core in args.cores.split(","):
+                two = run_worker(["attn", "--impl", f"ring_{core}", "--seq", str(seq), "--ngpu", "2"], 2,
+                                 args.timeout)
+                eff, ratio = _efficiency(two, one_half)
+                result["attention"].append({"impl": f"ring ({core}) 2 GPUs", "seq": seq, "ngpu": 2, **two,
+                                            "efficiency": eff, "time_ratio": ratio})
+                print(json.dumps(result["attention"][-1]), flush=True)
+        if not args.skip_train:
+            for seq in [int(s) for s in args.seqs.split(",") if s]:
+                common = ["--variant", args.variant, "--steps", str(args.steps), "--preset", args.preset,
+                          "--single", args.single]
+                one = run_worker(["train", "--seq", str(seq // 2), "--ngpu", "1", *common], 1, args.timeout)
+                result["train"].append({"impl": "cudnn 1 GPU", "seq": seq // 2, "ngpu": 1, **one})
+                print(json.dumps(result["train"][-1]), flush=True)
+                two = run_worker(["train", "--seq", str(seq), "--ngpu", "2", *common], 2, args.timeout)
+                eff, ratio = _efficiency(two, one)
+                result["train"].append({"impl": "ring 2 GPUs", "seq": seq, "ngpu": 2, **two, "efficiency": eff,
+                                        "time_ratio": ratio})
+                print(json.dumps(result["train"][-1]), flush=True)
+    result["variant"] = args.variant
+    name = "ring_scaling_check.json" if args.check else "ring_scaling.json"
+    for folder in filter(None, [os.path.join(ROOT, "benchmarks", "results"), args.out]):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(result, f, indent=1)
+    if args.check:
+        return
+    device = next((r.get("device") for r in result["attention"] + result["train"] if r.get("device")), "?")
+    print(f"\n{datetime.date.today()}  {device}  (train variant {args.variant})")
+    print(f"{'what':<11}{'impl':<24}{'seq':>8}{'step ms':>10}{'peak GiB':>9}{'TFLOP/s/GPU':>12}{'eff':>7}{'T1/T2':>7}")
+    for what in ("attention", "train"):
+        for r in result[what]:
+            if "error" in r:
+                print(f"{what:<11}{r['impl']:<24}{r['seq']:>8}  {r['error'][:70]}")
+                continue
+            tf = r["flops"] / r["step_s"] / r["ngpu"] / 1e12
+            eff = f"{100 * r['efficiency']:.0f}%" if r.get("efficiency") else ""
+            ratio = f"{r['time_ratio']:.2f}" if r.get("time_ratio") else ""
+            print(f"{what:<11}{r['impl']:<24}{r['seq']:>8}{r['step_s'] * 1e3:>10.1f}{r['peak_gib']:>9.1f}"
+                  f"{tf:>12.0f}{eff:>7}{ratio:>7}")
+
+
+if __name__ == "__main__":
+    main()
