@@ -472,5 +472,5 @@ def ring_dca_attention(q, k, v, *, positions, segment_ids=None, inv_freq, chunk_
                       layout=layout, spec_kw=spec_kw, block_size=block_size)
 
 
-__all__ = ["ring_attention", "resolve_core", "ring_dca_attention", "zigzag_permutation", "zigzag_inverse_permutation", "to_zigzag",
-           "from_zigzag", "local_indices", "work_per_device", "step_work_per_device"]
+__all__ = ["ring_attention", "resolve_core", "ring_dca_attention", "zigzag_permutation", "zigzag_inverse_permutation",
+           "to_zigzag", "from_zigzag", "local_indices", "work_per_device", "step_work_per_device"]
