@@ -1,6 +1,7 @@
 """Training throughput on one GPU: our jitted train step vs transformers + PyTorch, same shapes, same run.
 
     python benchmarks/train_throughput.py [--shapes 0.5b:4096x4,0.5b:16384x1,1.5b:4096x2,1.5b:16384x1]
+    python benchmarks/train_throughput.py --skip_torch --shapes tiny:128x2 --variants xla/none/noscan/64 --steps 2
 
 Each (framework, shape, variant) runs in its own subprocess (so one framework's memory pool
 never limits the other) on random tokens:
@@ -11,13 +12,25 @@ never limits the other) on random tokens:
   autocast, `torch.optim.AdamW(fused=True)`, loss from `labels`; gradient checkpointing is
   switched on only if the plain run runs out of memory (as a user would).
 
+A jax variant is `attention/remat/scan|noscan/loss_chunk[/flags]`.  The optional 5th field names
+the XLA_FLAGS of that variant's subprocess: `default` (`--xla_gpu_enable_latency_hiding_scheduler=true`),
+`none` (XLA's own defaults) or a name given with `--xla_flags_variants 'name=FLAGS;name2=FLAGS'`
+(or a JSON object); the named flags replace the inherited XLA_FLAGS.  Without a 5th field the
+subprocess keeps the caller's XLA_FLAGS, or `default` when none is set.  Shapes are
+`size:SEQxBATCH`, size one of PRESETS below or any name of `configs.model_presets` (`tiny` is
+a 2-layer model for CPU smoke tests).  Other scripts build the same step with `build_jax_step`.
+
 Reported per row: tokens/s and step time (median of --steps timed steps after warm-up), peak
 device memory, MFU against 989 TFLOP/s (H100/H200 dense bf16) and against the bf16 matmul
-rate measured in this run, and ours/theirs.  Model FLOPs per token (both frameworks):
-6 * N_matmul + 3 * causal attention forward FLOPs, N_matmul = all decoder parameters plus
-the output projection (the embedding lookup is no matmul); causal attention forward =
-2 * 2 * L * H * D * T / 2 per token (half the score matrix).  Results: table on stdout,
-JSON in benchmarks/results/train_throughput.json (and --out).
+rate measured in this run, and ours/theirs.  The matmul rate (both frameworks, same method):
+one call = 10 chained bf16 matmuls x_{i+1} = x_i @ B_i (distinct B_i with N(0, 1/k) entries, so
+nothing can be hoisted, merged or overflow), timed between device syncs, median of 10 calls;
+the best of the shapes m x k x k in MATMUL_SHAPES is the ceiling (`matmul_flops`, per shape in
+`matmul_by_shape`).  Model FLOPs per token (both frameworks): 6 * N_matmul + 3 * causal
+attention forward FLOPs, N_matmul = all decoder parameters plus the output projection (the
+embedding lookup is no matmul); causal attention forward = 2 * 2 * L * H * D * T / 2 per token
+(half the score matrix).  Results: table on stdout, JSON in
+benchmarks/results/train_throughput.json (and --out).
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -34,98 +48,221 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
-PRESETS = {"0.5b": "qwen2-0.5b", "1.5b": "qwen2-1.5b", "7b": "qwen2-7b"}
+PRESETS = {"0.5b": "qwen2-0.5b", "1.5b": "qwen2-1.5b", "7b": "qwen2-7b", "tiny": "tiny"}
 PEAK = 989e12
+DEFAULT_XLA_FLAGS = "--xla_gpu_enable_latency_hiding_scheduler=true"
+BUILTIN_XLA_FLAGS = {"default": DEFAULT_XLA_FLAGS, "none": ""}
+MATMUL_SHAPES = ((8192, 8192), (4096, 8192))  # (m, k): x is m x k, each B_i is k x k (m <= k: see matmul_rate_jax)
+MATMUL_SHAPES_CPU = ((256, 512),)
+MATMUL_CHAIN, MATMUL_REPS = 10, 10
 
 
 def parse_shape(text: str):
+    """`size:SEQxBATCH` -> (preset name, seq, batch); size is a PRESETS key or a model preset name."""
     size, rest = text.split(":")
-    seq, batch = rest.split("x")
-    return PRESETS[size], int(seq), int(batch)
+    seq, batch = rest.lower().split("x")
+    return PRESETS.get(size, size), int(seq), int(batch)
 
 
-# ------------------------------------------------------------------ workers
-def matmul_rate_jax(n=8192, reps=20):
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+def parse_variant(variant: str):
+    """`attention/remat/scan|noscan/chunk[/flags]` -> (attention, remat, scan: bool, chunk: int, flags name or None)."""
+    parts = variant.split("/")
+    if len(parts) not in (4, 5) or parts[2] not in ("scan", "noscan"):
+        raise ValueError(f"variant {variant!r}: expected attention/remat/scan|noscan/loss_chunk[/xla_flags_name]")
+    return parts[0], parts[1], parts[2] == "scan", int(parts[3]), (parts[4] if len(parts) == 5 else None)
 
 
-def worker_jax(preset, seq, batch, variant, steps):
+def parse_xla_flags_variants(text: str) -> dict:
+    """`name=FLAGS;name2=FLAGS` (or a JSON object) -> {name: flags}, on top of BUILTIN_XLA_FLAGS."""
+    table = dict(BUILTIN_XLA_FLAGS)
+    text = (text or "").strip()
+    if text.startswith("{"):
+        table.update({str(k): str(v) for k, v in json.loads(text).items()})
+    elif text:
+        for item in filter(None, (x.strip() for x in text.split(";"))):
+            name, sep, flags = item.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"--xla_flags_variants item {item!r}: expected name=FLAGS")
+            table[name.strip()] = flags.strip()
+    return table
+
+
+def xla_flags_for(variant: str, table: dict, inherited: str | None = None) -> str:
+    """XLA_FLAGS of a jax variant's process: the named set, else `inherited` (the caller's), else the default."""
+    name = parse_variant(variant)[4]
+    if name is None:
+        return DEFAULT_XLA_FLAGS if inherited is None else inherited
+    if name not in table:
+        raise ValueError(f"variant {variant!r}: unknown XLA flags name {name!r} (known: {', '.join(table)})")
+    return table[name]
+
+
+# ------------------------------------------------------------------ shared building blocks
+def build_jax_step(preset_or_cfg, seq: int, batch: int, variant: str, n_batches: int = 3, seed: int = 0):
+    """Our jitted train step on one device, as benchmarked: `(step, state, batches, cfg)`.
+
+    `preset_or_cfg`: a PRESETS key, a `configs.model_presets` name, a Hugging Face config dict or
+    a `QwenConfig`; the variant's attention / remat / scan and bf16 compute over fp32 parameters
+    are applied to it.  `step(state, batch) -> (state, metrics)` donates `state`; `batches` are
+    `n_batches` random-token batches (one document per row) already on the device.
+    """
     import jax
     import numpy as np
 
     from configs.base import get_config
     from configs.model_presets import get_preset
     from qwen_jax import sharding
-    from qwen_jax.config import config_from_dict
-    from qwen_jax.metrics import flops_per_token
+    from qwen_jax.config import QwenConfig, config_from_dict
     from qwen_jax.trainer import optimizer as opt
     from qwen_jax.trainer import train_step as ts
 
-    attention, remat, scan, chunk = variant.split("/")
-    cfg = config_from_dict(get_preset(preset), dtype="bfloat16", param_dtype="float32", attention=attention,
-                           remat=remat, scan_layers=scan == "scan")
+    attention, remat, scan, chunk, _ = parse_variant(variant)
+    run = dict(dtype="bfloat16", param_dtype="float32", attention=attention, remat=remat, scan_layers=scan)
+    if isinstance(preset_or_cfg, QwenConfig):
+        cfg = preset_or_cfg.replace(**run)
+    else:
+        raw = get_preset(PRESETS.get(preset_or_cfg, preset_or_cfg)) if isinstance(preset_or_cfg, str) else preset_or_cfg
+        cfg = config_from_dict(raw, **run)
     mesh = sharding.make_mesh({"fsdp": 1})
     c = get_config()
     graphdef, abstract, p_sh = ts.param_shardings(cfg, mesh)
-    params = ts.init_params(cfg, 0, p_sh)
+    params = ts.init_params(cfg, seed, p_sh)
     spec = opt.resolve_freeze(params)
     tx, sched = opt.make_optimizer(params, c.optimizer, 1000, spec)
     state_sh = ts.state_shardings(tx, abstract, p_sh, mesh)
-    state = ts.init_state(params, tx, 0, state_sh)
+    state = ts.init_state(params, tx, seed, state_sh)
     del params
     keys = ("input_ids", "targets", "loss_mask")  # one document per row: no positions/segments needed
     batch_sh = ts.batch_shardings(mesh, batch, seq, keys=keys)
     step = ts.make_train_step(graphdef, tx, sched, spec, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
-                              chunk_size=int(chunk))
-    rng = np.random.default_rng(0)
+                              chunk_size=chunk)
+    rng = np.random.default_rng(seed)
 
     def make_batch():
         ids = rng.integers(0, cfg.vocab_size, (batch, seq + 1), dtype=np.int32)
         host = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
         return {k: jax.device_put(v, batch_sh[k]) for k, v in host.items()}
 
-    batches = [make_batch() for _ in range(3)]
-    t0 = time.perf_counter()
-    state, m = step(state, batches[0])
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    for i in range(2):
-        state, m = step(state, batches[i % 3])
-    jax.block_until_ready(m)
-    times = []
-    for i in range(steps):
+    return step, state, [make_batch() for _ in range(n_batches)], cfg
+
+
+def run_steps(step, state, batches, n: int, timed: bool = True):
+    """`n` steps over `batches` round-robin; `(state, metrics, seconds per step)` (each step synced if `timed`)."""
+    import jax
+
+    times, m = [], None
+    for i in range(n):
         t0 = time.perf_counter()
-        state, m = step(state, batches[i % 3])
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+        state, m = step(state, batches[i % len(batches)])
+        if timed:
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+    jax.block_until_ready(m)
+    return state, m, times
+
+
+def _best_rate(rates: dict):
+    return max(rates.values()), rates
+
+
+def matmul_rate_jax(shapes=None, chain=MATMUL_CHAIN, reps=MATMUL_REPS):
+    """(best bf16 FLOP/s, {"MxKxK": FLOP/s}) of `chain` chained matmuls per jitted call (see the module docstring).
+
+    The chain is unrolled at trace time (straight-line HLO: no while loop, so no per-iteration
+    predicate copy to the host), each matmul consumes the previous result, and the B_i are
+    distinct with m <= k, so XLA can neither CSE nor profitably re-associate them.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if shapes is None:
+        shapes = MATMUL_SHAPES_CPU if jax.default_backend() == "cpu" else MATMUL_SHAPES
+    rates = {}
+    for m, k in shapes:
+        keys = jax.random.split(jax.random.key(0), chain + 1)
+        x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+        bs = [(jax.random.normal(kk, (k, k), jnp.float32) / math.sqrt(k)).astype(jnp.bfloat16) for kk in keys[1:]]
+
+        @jax.jit
+        def f(x, *bs):
+            for b in bs:
+                x = x @ b
+            return x
+
+        for _ in range(2):
+            f(x, *bs).block_until_ready()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f(x, *bs).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        rates[f"{m}x{k}x{k}"] = 2 * m * k * k * chain / statistics.median(times)
+        del x, bs
+    return _best_rate(rates)
+
+
+def matmul_rate_torch(shapes=MATMUL_SHAPES, chain=MATMUL_CHAIN, reps=MATMUL_REPS, device="cuda"):
+    """Same measurement as `matmul_rate_jax` with torch (eager: the chain is launched asynchronously)."""
+    import torch
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    rates = {}
+    gen = torch.Generator(device=device).manual_seed(0)
+    for m, k in shapes:
+        x0 = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=gen)
+        bs = [(torch.randn(k, k, device=device, generator=gen) / math.sqrt(k)).to(torch.bfloat16) for _ in range(chain)]
+
+        def f(x0=x0, bs=bs):
+            x = x0
+            for b in bs:
+                x = x @ b
+            return x
+
+        for _ in range(2):
+            f()
+        sync()
+        times = []
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times.append(time.perf_counter() - t0)
+        rates[f"{m}x{k}x{k}"] = 2 * m * k * k * chain / statistics.median(times)
+        del x0, bs
+    return _best_rate(rates)
+
+
+# ------------------------------------------------------------------ workers
+def worker_jax(preset, seq, batch, variant, steps):
+    import jax
+
+    from qwen_jax.metrics import flops_per_token
+
+    step, state, batches, cfg = build_jax_step(preset, seq, batch, variant)
+    t0 = time.perf_counter()
+    state, m, _ = run_steps(step, state, batches, 1)
+    compile_s = time.perf_counter() - t0
+    state, m, _ = run_steps(step, state, batches, 2, timed=False)
+    state, m, times = run_steps(step, state, batches, steps)
     stats = jax.devices()[0].memory_stats() or {}
-    return dict(step_s=statistics.median(times), compile_s=compile_s, loss=float(m["loss"]),
+    loss = float(m["loss"])
+    del state, batches, m
+    mm, mm_by_shape = matmul_rate_jax()
+    return dict(step_s=statistics.median(times), compile_s=compile_s, loss=loss,
                 peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30, flops_per_token=flops_per_token(cfg, seq),
-                matmul_flops=matmul_rate_jax(), device=jax.devices()[0].device_kind, jax=jax.__version__)
+                matmul_flops=mm, matmul_by_shape=mm_by_shape, device=jax.devices()[0].device_kind,
+                jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
-def worker_torch(preset, seq, batch, variant, steps):
+def _torch_train_times(hf: dict, cfg, seq, batch, variant, steps):
+    """(seconds per step, last loss, peak GiB) of transformers' training step; its memory is freed on return."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from configs.model_presets import get_preset
-    from qwen_jax.config import config_from_dict
-    from qwen_jax.metrics import flops_per_token
-
-    hf = get_preset(preset)
-    cfg = config_from_dict(hf)
     torch.manual_seed(0)
     config = Qwen2Config(**{k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype")})
     config._attn_implementation = "sdpa"
@@ -155,28 +292,38 @@ def worker_torch(preset, seq, batch, variant, steps):
         loss = one(batches[i % 3])
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    mm = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        a @ b
-        torch.cuda.synchronize()
-        mm.append(time.perf_counter() - t0)
-    return dict(step_s=statistics.median(times), loss=float(loss), peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-                flops_per_token=flops_per_token(cfg, seq), matmul_flops=2 * 8192**3 / statistics.median(mm),
+    return times, float(loss), torch.cuda.max_memory_allocated() / 2**30
+
+
+def worker_torch(preset, seq, batch, variant, steps):
+    import gc
+
+    import torch
+
+    from configs.model_presets import get_preset
+    from qwen_jax.config import config_from_dict
+    from qwen_jax.metrics import flops_per_token
+
+    hf = get_preset(preset)
+    cfg = config_from_dict(hf)
+    times, loss, peak_gib = _torch_train_times(hf, cfg, seq, batch, variant, steps)
+    gc.collect()
+    torch.cuda.empty_cache()
+    mm, mm_by_shape = matmul_rate_torch()
+    return dict(step_s=statistics.median(times), loss=loss, peak_gib=peak_gib,
+                flops_per_token=flops_per_token(cfg, seq), matmul_flops=mm, matmul_by_shape=mm_by_shape,
                 device=torch.cuda.get_device_name(), torch=torch.__version__)
 
 
 # ------------------------------------------------------------------ driver
-def run_worker(framework, shape, variant, steps, timeout):
+def run_worker(framework, shape, variant, steps, timeout, xla_flags=None):
+    """One worker subprocess; `xla_flags` (jax only) becomes its XLA_FLAGS."""
     cmd = [sys.executable, __file__, "--worker", framework, "--shape", shape, "--variant", variant,
            "--steps", str(steps)]
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92", TOKENIZERS_PARALLELISM="false")
-    env.setdefault("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=true")
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    env.setdefault("XLA_FLAGS", DEFAULT_XLA_FLAGS)
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -192,7 +339,11 @@ def run_worker(framework, shape, variant, steps, timeout):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="0.5b:4096x4,0.5b:16384x1,1.5b:4096x2,1.5b:16384x1")
-    p.add_argument("--variants", default="cudnn/none/noscan/2048,cudnn/dots_no_batch/noscan/2048,cudnn/full/scan/2048")
+    p.add_argument("--variants", default="cudnn/none/noscan/2048,cudnn/dots_no_batch/noscan/2048,cudnn/full/scan/2048",
+                   help="comma-separated attention/remat/scan|noscan/loss_chunk[/xla_flags_name]")
+    p.add_argument("--xla_flags_variants", default="",
+                   help="'name=FLAGS;name2=FLAGS' or a JSON object: XLA_FLAGS sets a variant's 5th field can name "
+                        f"(built in: {json.dumps(BUILTIN_XLA_FLAGS)})")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--timeout", type=int, default=400)
     p.add_argument("--skip_torch", action="store_true")
@@ -207,8 +358,22 @@ def main():
         print("RESULT " + json.dumps(fn(preset, seq, batch, args.variant, args.steps)), flush=True)
         return
 
+    # validate everything before the first (expensive) subprocess
+    from configs.model_presets import PRESETS as MODEL_PRESETS
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    try:
+        table = parse_xla_flags_variants(args.xla_flags_variants)
+        flags = {v: xla_flags_for(v, table, os.environ.get("XLA_FLAGS")) for v in variants}
+    except ValueError as e:  # also json.JSONDecodeError
+        p.error(str(e))
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    for shape in shapes:
+        if parse_shape(shape)[0] not in MODEL_PRESETS:
+            p.error(f"shape {shape!r}: unknown size (PRESETS keys: {', '.join(PRESETS)}, or a model preset name)")
+
     rows = []
-    for shape in args.shapes.split(","):
+    for shape in shapes:
         preset, seq, batch = parse_shape(shape)
         tokens = seq * batch
         theirs = None
@@ -220,9 +385,10 @@ def main():
             rows.append({"framework": "pytorch", "shape": shape, "variant": theirs.pop("variant", "plain"), **theirs})
             print(json.dumps(rows[-1]), flush=True)
         best = None
-        for variant in args.variants.split(","):
-            ours = run_worker("jax", shape, variant, args.steps, args.timeout)
+        for variant in variants:
+            ours = run_worker("jax", shape, variant, args.steps, args.timeout, xla_flags=flags[variant])
             rows.append({"framework": "qwen_jax", "shape": shape, "variant": variant, **ours})
+            rows[-1].setdefault("xla_flags", flags[variant])
             print(json.dumps(rows[-1]), flush=True)
             if "error" not in ours and (best is None or ours["step_s"] < best["step_s"]):
                 best = ours
@@ -233,15 +399,19 @@ def main():
                 r["mfu_matmul"] = r["flops_per_token"] * r["tokens_per_s"] / r["matmul_flops"]
                 if theirs and "error" not in theirs and r["framework"] == "qwen_jax":
                     r["ratio"] = theirs["step_s"] / r["step_s"]
+    shapes_text = ", ".join(f"{m}x{k}x{k}" for m, k in MATMUL_SHAPES)
     result = {"date": datetime.date.today().isoformat(), "rows": rows,
               "convention": "FLOPs/token = 6*N_matmul + 3*causal attention fwd (2*2*L*H*D*T/2); MFU vs 989e12 "
-                            "and vs the bf16 8192^3 matmul rate measured in the same run"}
+                            f"and vs the best bf16 matmul rate measured in the same run ({MATMUL_CHAIN} chained "
+                            f"matmuls per call, median of {MATMUL_REPS} calls, best of {shapes_text}; "
+                            f"{MATMUL_SHAPES_CPU[0][0]}x{MATMUL_SHAPES_CPU[0][1]}x{MATMUL_SHAPES_CPU[0][1]} on CPU)"}
     for folder in filter(None, [os.path.join(ROOT, "benchmarks", "results"), args.out]):
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "train_throughput.json"), "w") as f:
             json.dump(result, f, indent=1)
     device = next((r.get("device") for r in rows if r.get("device")), "?")
-    print(f"\n{datetime.date.today()}  {device}")
+    mm = ", ".join(f"{r['framework']} {r['matmul_flops'] / 1e12:.3g}" for r in rows if "matmul_flops" in r)
+    print(f"\n{datetime.date.today()}  {device}  (bf16 matmul TFLOP/s per row: {mm})")
     print(f"{'shape':<15}{'framework':<10}{'variant':<28}{'tok/s':>9}{'step ms':>9}{'peak GiB':>9}"
           f"{'MFU989':>8}{'MFUmm':>7}{'ours/pt':>8}")
     for r in rows:
