@@ -39,6 +39,7 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 2, 128
 
@@ -167,55 +168,17 @@ def worker_attn(impl, seq, ngpu):
 
 def worker_train(seq, ngpu, variant, steps, preset="qwen2-0.5b", single="cudnn"):
     import jax
-    import numpy as np
+    from train_throughput import build_jax_step, run_steps  # benchmarks/ is on sys.path
 
-    from configs.base import get_config
-    from configs.model_presets import get_preset
-    from qwen_jax import sharding
-    from qwen_jax.config import config_from_dict
     from qwen_jax.metrics import flops_per_token
-    from qwen_jax.trainer import optimizer as opt
-    from qwen_jax.trainer import train_step as ts
 
-    remat, scan, chunk = variant.split("/")
-    ring = ngpu > 1
-    cfg = config_from_dict(get_preset(preset), dtype="bfloat16", param_dtype="float32",
-                           attention="ring" if ring else single, remat=remat, scan_layers=scan == "scan")
-    mesh = sharding.make_mesh({"seq": ngpu}, devices=jax.devices()[:ngpu])
-    c = get_config()
-    graphdef, abstract, p_sh = ts.param_shardings(cfg, mesh)
-    params = ts.init_params(cfg, 0, p_sh)
-    spec = opt.resolve_freeze(params)
-    tx, sched = opt.make_optimizer(params, c.optimizer, 1000, spec)
-    state_sh = ts.state_shardings(tx, abstract, p_sh, mesh)
-    state = ts.init_state(params, tx, 0, state_sh)
-    del params
-    keys = ("input_ids", "positions", "targets", "loss_mask")
-    batch_sh = ts.batch_shardings(mesh, 1, seq, keys=keys)
-    step = ts.make_train_step(graphdef, tx, sched, spec, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
-                              chunk_size=int(chunk), zigzag=ring)
-    rng = np.random.default_rng(0)
-
-    def make_batch():
-        ids = rng.integers(0, cfg.vocab_size, (1, seq + 1), dtype=np.int32)
-        host = {"input_ids": ids[:, :-1], "positions": np.arange(seq, dtype=np.int32)[None],
-                "targets": ids[:, 1:], "loss_mask": np.ones((1, seq), np.float32)}
-        host = ts.permute_batch_for_ring(host, ngpu)  # zig-zag: tokens, positions, targets together
-        return {k: jax.device_put(v, batch_sh[k]) for k, v in host.items()}
-
-    batches = [make_batch() for _ in range(2)]
+    attention = "ring" if ngpu > 1 else single
+    step, state, batches, cfg = build_jax_step(preset, seq, 1, f"{attention}/{variant}", n_batches=2, ring=ngpu)
     t0 = time.perf_counter()
-    state, m = step(state, batches[0])
-    jax.block_until_ready(m)
+    state, m, _ = run_steps(step, state, batches, 1)
     compile_s = time.perf_counter() - t0
-    state, m = step(state, batches[1])
-    jax.block_until_ready(m)
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        state, m = step(state, batches[i % 2])
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+    state, m, _ = run_steps(step, state, batches, 1)
+    state, m, times = run_steps(step, state, batches, steps)
     return {"step_s": statistics.median(times), "compile_s": compile_s, "loss": float(m["loss"]),
             "peak_gib": _peak_gib(), "flops": flops_per_token(cfg, seq) * seq,
             "device": jax.devices()[0].device_kind, "jax": jax.__version__}
@@ -259,6 +222,7 @@ def main():
     p.add_argument("--cores", default="cudnn,blockwise", help="ring cores for the attention-only rows")
     p.add_argument("--variant", default="full/scan/4096", help="train step: remat/scan|noscan/loss chunk")
     p.add_argument("--skip_train", action="store_true")
+    p.add_argument("--skip_attn", action="store_true")
     p.add_argument("--preset", default="qwen2-0.5b", help="model preset of the train rows (tiny: CPU smoke test)")
     p.add_argument("--single", default="cudnn", help="attention of the 1-GPU train rows (xla for a CPU smoke test)")
     p.add_argument("--steps", type=int, default=3)
@@ -285,7 +249,7 @@ def main():
         result["check"] = res
         print(json.dumps(res, indent=1), flush=True)
     else:
-        for seq in [int(s) for s in (args.attn_seqs or args.seqs).split(",") if s]:
+        for seq in [] if args.skip_attn else [int(s) for s in (args.attn_seqs or args.seqs).split(",") if s]:
             one_half = run_worker(["attn", "--impl", "cudnn", "--seq", str(seq // 2)], 1, args.timeout)
             one_full = run_worker(["attn", "--impl", "cudnn", "--seq", str(seq)], 1, args.timeout)
             for r, impl, s in ((one_half, "cudnn 1 GPU", seq // 2), (one_full, "cudnn 1 GPU", seq)):

@@ -98,13 +98,16 @@ def xla_flags_for(variant: str, table: dict, inherited: str | None = None) -> st
 
 
 # ------------------------------------------------------------------ shared building blocks
-def build_jax_step(preset_or_cfg, seq: int, batch: int, variant: str, n_batches: int = 3, seed: int = 0):
+def build_jax_step(preset_or_cfg, seq: int, batch: int, variant: str, n_batches: int = 3, seed: int = 0,
+                   ring: int = 1):
     """Our jitted train step on one device, as benchmarked: `(step, state, batches, cfg)`.
 
     `preset_or_cfg`: a PRESETS key, a `configs.model_presets` name, a Hugging Face config dict or
     a `QwenConfig`; the variant's attention / remat / scan and bf16 compute over fp32 parameters
     are applied to it.  `step(state, batch) -> (state, metrics)` donates `state`; `batches` are
     `n_batches` random-token batches (one document per row) already on the device.
+    `ring` > 1: a mesh {seq: ring} over the first `ring` devices (use attention "ring"); batches
+    carry positions and are permuted to the zig-zag layout, as the trainer does.
     """
     import jax
     import numpy as np
@@ -123,7 +126,7 @@ def build_jax_step(preset_or_cfg, seq: int, batch: int, variant: str, n_batches:
     else:
         raw = get_preset(PRESETS.get(preset_or_cfg, preset_or_cfg)) if isinstance(preset_or_cfg, str) else preset_or_cfg
         cfg = config_from_dict(raw, **run)
-    mesh = sharding.make_mesh({"fsdp": 1})
+    mesh = sharding.make_mesh({"seq": ring}, devices=jax.devices()[:ring])
     c = get_config()
     graphdef, abstract, p_sh = ts.param_shardings(cfg, mesh)
     params = ts.init_params(cfg, seed, p_sh)
@@ -133,14 +136,19 @@ def build_jax_step(preset_or_cfg, seq: int, batch: int, variant: str, n_batches:
     state = ts.init_state(params, tx, seed, state_sh)
     del params
     keys = ("input_ids", "targets", "loss_mask")  # one document per row: no positions/segments needed
+    if ring > 1:
+        keys += ("positions",)  # zig-zag order: positions cannot be regenerated from arange
     batch_sh = ts.batch_shardings(mesh, batch, seq, keys=keys)
     step = ts.make_train_step(graphdef, tx, sched, spec, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
-                              chunk_size=chunk)
+                              chunk_size=chunk, zigzag=ring > 1)
     rng = np.random.default_rng(seed)
 
     def make_batch():
         ids = rng.integers(0, cfg.vocab_size, (batch, seq + 1), dtype=np.int32)
         host = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
+        if ring > 1:
+            host["positions"] = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
+            host = ts.permute_batch_for_ring(host, ring)
         return {k: jax.device_put(v, batch_sh[k]) for k, v in host.items()}
 
     return step, state, [make_batch() for _ in range(n_batches)], cfg
