@@ -1,10 +1,26 @@
-"""Next-token cross-entropy over loss tokens, computed in sequence chunks.
+"""Next-token cross-entropy over loss tokens: a fused, chunked output projection + loss.
 
 The full [batch, seq, vocab] float32 logits are never materialised: hidden states are split
-into chunks of `chunk_size` positions, a `lax.scan` projects one chunk at a time with the
-model's output embedding (compute-dtype inputs, float32 accumulation, as `Qwen.logits`), and
-each chunk is under `jax.checkpoint`, so the backward pass recomputes a chunk's logits
-instead of keeping all of them.  Peak logits memory is batch * chunk_size * vocab * 4 bytes.
+into chunks of `chunk_size` positions and a `lax.scan` projects one chunk at a time with the
+model's output embedding (compute-dtype inputs, float32 accumulation, as `Qwen.logits`).
+Peak logits memory is about batch * chunk_size * vocab * 4 bytes (a few such buffers).
+
+Why fused (the Liger-kernel idea): the loss is a scalar, so its gradient with respect to the
+hidden states and the output projection can be computed *during the forward pass*, chunk by
+chunk, while the chunk's logits are still live:
+
+    dlogits  = (softmax - onehot(target)) * mask + z_weight * 2 * lse * softmax * mask
+    d_hidden = dlogits @ W^T            (per chunk, kept in the hidden dtype)
+    dW      += hidden^T @ dlogits       (float32 accumulator over the chunks)
+
+The previous version put each chunk under `jax.checkpoint`, so the backward pass recomputed
+every chunk's logits: 4 vocab-sized matmuls per chunk (forward, recompute, d_hidden, dW) and
+the float32 [b, chunk, vocab] logits streamed through memory several times.  Fused it is 3
+matmuls per chunk and one pass over the logits; the `jax.custom_vjp` backward is only a
+multiply of the two saved gradients by the incoming scalar cotangent.  The price is that
+dW ([embed, vocab], the dtype of `w_out`) lives from the forward to the backward pass.
+Without differentiation (evaluation) the custom_vjp primal runs, which computes the loss
+only: one matmul per chunk.
 
 The functions return *sums* over loss tokens; the caller divides by the number of loss
 tokens in the whole global batch, so gradient accumulation and multi-host runs give the same
@@ -13,53 +29,41 @@ loss as one big batch.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
 from qwen_jax.sharding import constrain
 
 
-def chunked_cross_entropy(hidden, w_out, targets, loss_mask, *, chunk_size: int = 1024):
-    """(sum of masked NLL, sum of masked logsumexp^2) for hidden [b, t, e], w_out [e, vocab], targets [b, t]."""
-    b, t, e = hidden.shape
-    c = max(1, min(int(chunk_size), t))
-    pad = (-t) % c
-    loss_mask = loss_mask.astype(jnp.float32)
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        loss_mask = jnp.pad(loss_mask, ((0, 0), (0, pad)))
-    n = (t + pad) // c
-    hs = hidden.reshape(b, n, c, e).swapaxes(0, 1)
-    ts = targets.reshape(b, n, c).swapaxes(0, 1)
-    ms = loss_mask.reshape(b, n, c).swapaxes(0, 1)
+def fused_cross_entropy(hidden, w_out, targets, loss_mask, *, chunk_size: int = 1024, z_weight: float = 0.0):
+    """(objective_sum, nll_sum, z_sum) for hidden [b, t, e], w_out [e, vocab], targets [b, t], loss_mask [b, t].
 
-    @jax.checkpoint
-    def chunk(w, h, tgt, m):
-        logits = jnp.einsum("bce,ev->bcv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "length", "act_vocab"))
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, tgt[..., None].astype(jnp.int32), axis=-1)[..., 0]
-        return jnp.sum((lse - target_logit) * m), jnp.sum(jnp.square(lse) * m)
+    nll_sum = sum over tokens of mask * (logsumexp(logits) - logits[target]),
+    z_sum = sum of mask * logsumexp(logits)^2, objective_sum = nll_sum + z_weight * z_sum.
 
-    def body(carry, xs):
-        nll, z = chunk(w_out, *xs)
-        return (carry[0] + nll, carry[1] + z), None
-
-    zero = jnp.zeros((), jnp.float32)
-    (nll, z), _ = jax.lax.scan(body, (zero, zero), (hs, ts, ms))
-    return nll, z
+    Only `objective_sum` is differentiable (with respect to `hidden` and `w_out`).  `nll_sum`
+    and `z_sum` are returned through `lax.stop_gradient`: their cotangents are therefore always
+    zero, which is what makes the custom backward (which ignores them and scales the gradient
+    of the objective computed in the forward pass) exact for any function of the three outputs.
+    `targets` are integers (no cotangent) and `loss_mask` is treated as a constant (its
+    cotangent is zero).  `chunk_size` and `z_weight` are static Python numbers.
+    """
+    objective, nll, z = _fused_ce(hidden, w_out, targets, loss_mask, int(chunk_size), float(z_weight))
+    return objective, jax.lax.stop_gradient(nll), jax.lax.stop_gradient(z)
 
 
-def model_loss_sums(model, batch, *, chunk_size: int = 1024, zigzag: bool = False):
-    """(NLL sum, z sum) of an NNX `Qwen` on a batch dict (input_ids, positions, segment_ids, targets, loss_mask).
+def model_loss_sums(model, batch, *, chunk_size: int = 1024, zigzag: bool = False, z_weight: float = 0.0):
+    """(objective sum, NLL sum, z sum) of an NNX `Qwen` on a batch dict (see `fused_cross_entropy`).
 
-    `zigzag`: the batch was permuted to ring attention's zig-zag order (all five arrays together,
-    targets shifted before); the token sum is order-invariant, so nothing is permuted back.
+    The batch holds input_ids, positions, segment_ids, targets, loss_mask.  `zigzag`: the batch
+    was permuted to ring attention's zig-zag order (all five arrays together, targets shifted
+    before); the token sum is order-invariant, so nothing is permuted back.
     """
     hidden = model.hidden_states(batch["input_ids"], batch.get("positions"), batch.get("segment_ids"), zigzag=zigzag)
-    return chunked_cross_entropy(hidden, model.output_embedding(), batch["targets"], batch["loss_mask"],
-                                 chunk_size=chunk_size)
+    return fused_cross_entropy(hidden, model.output_embedding(), batch["targets"], batch["loss_mask"],
+                               chunk_size=chunk_size, z_weight=z_weight)
 
 
 def reference_loss(logits, targets, loss_mask):
@@ -68,3 +72,92 @@ def reference_loss(logits, targets, loss_mask):
     nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     m = loss_mask.astype(jnp.float32)
     return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+# ---------------------------------------------------------------- internals
+def _chunks(hidden, targets, loss_mask, chunk_size):
+    """[n, b, c, ...] chunks of the inputs, the last one padded with masked positions."""
+    b, t, e = hidden.shape
+    c = max(1, min(int(chunk_size), t))
+    pad = (-t) % c
+    loss_mask = loss_mask.astype(jnp.float32)
+    targets = targets.astype(jnp.int32)
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        loss_mask = jnp.pad(loss_mask, ((0, 0), (0, pad)))
+    n = (t + pad) // c
+    hs = hidden.reshape(b, n, c, e).swapaxes(0, 1)
+    ts = targets.reshape(b, n, c).swapaxes(0, 1)
+    ms = loss_mask.reshape(b, n, c).swapaxes(0, 1)
+    return hs, ts, ms
+
+
+def _chunk_loss(h, w, tgt, m):
+    """Logits of one chunk (float32), their log-sum-exp, and the chunk's NLL and z sums."""
+    logits = jnp.einsum("bce,ev->bcv", h, w, preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("batch", "length", "act_vocab"))
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+    return logits, lse, jnp.sum((lse - target_logit) * m), jnp.sum(jnp.square(lse) * m)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_ce(hidden, w_out, targets, loss_mask, chunk_size, z_weight):
+    """Primal (no differentiation): the loss only, one matmul per chunk."""
+    hs, ts, ms = _chunks(hidden, targets, loss_mask, chunk_size)
+    w = w_out.astype(hidden.dtype)
+
+    def body(carry, xs):
+        h, tgt, m = xs
+        _, _, nll, z = _chunk_loss(h, w, tgt, m)
+        return (carry[0] + nll, carry[1] + z), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (nll, z), _ = jax.lax.scan(body, (zero, zero), (hs, ts, ms))
+    return nll + z_weight * z, nll, z
+
+
+def _fused_ce_fwd(hidden, w_out, targets, loss_mask, chunk_size, z_weight):
+    """Loss and, chunk by chunk, its gradient w.r.t. hidden and w_out (3 matmuls per chunk)."""
+    b, t, e = hidden.shape
+    hs, ts, ms = _chunks(hidden, targets, loss_mask, chunk_size)
+    w = w_out.astype(hidden.dtype)
+    vocab = w.shape[1]
+
+    def body(carry, xs):
+        nll_acc, z_acc, dw_acc = carry
+        h, tgt, m = xs
+        logits, lse, nll, z = _chunk_loss(h, w, tgt, m)
+        # d(nll + z_weight * z)/dlogits: mask * (softmax * (1 + 2 z_weight lse) - onehot(target))
+        p = jnp.exp(logits - lse[..., None])
+        scale = m * (1.0 + 2.0 * z_weight * lse) if z_weight else m
+        dlogits = p * scale[..., None] - jax.nn.one_hot(tgt, vocab, dtype=jnp.float32) * m[..., None]
+        dlogits = constrain(dlogits.astype(h.dtype), ("batch", "length", "act_vocab"))
+        dh = jnp.einsum("bcv,ev->bce", dlogits, w, preferred_element_type=jnp.float32).astype(hidden.dtype)
+        dw = dw_acc + jnp.einsum("bce,bcv->ev", h, dlogits, preferred_element_type=jnp.float32)
+        return (nll_acc + nll, z_acc + z, constrain(dw, ("embed", "vocab"))), dh
+
+    # dW is sharded like the parameter ([embed, vocab]; the tied embedding's transpose too), so a
+    # chunk's sum over the batch shards is a reduce-scatter into the accumulator, not an all-reduce
+    zero = jnp.zeros((), jnp.float32)
+    dw0 = constrain(jnp.zeros(w.shape, jnp.float32), ("embed", "vocab"))
+    (nll, z, dw), dhs = jax.lax.scan(body, (zero, zero, dw0), (hs, ts, ms))
+    d_hidden = dhs.swapaxes(0, 1).reshape(b, -1, e)[:, :t]
+    return (nll + z_weight * z, nll, z), (d_hidden, dw.astype(w_out.dtype))
+
+
+def _fused_ce_bwd(chunk_size, z_weight, res, cts):
+    """Scale the saved gradients by the objective's cotangent.
+
+    The cotangents of nll_sum and z_sum are dropped: `fused_cross_entropy`, the only caller,
+    returns those two outputs through `lax.stop_gradient`, so they are always zero.
+    """
+    d_hidden, d_w = res
+    g = cts[0].astype(jnp.float32)
+    d_hidden = (d_hidden.astype(jnp.float32) * g).astype(d_hidden.dtype)
+    d_w = (d_w.astype(jnp.float32) * g).astype(d_w.dtype)
+    return d_hidden, d_w, None, None  # integer targets: float0; loss_mask: zero
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)

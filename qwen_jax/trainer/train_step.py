@@ -120,8 +120,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 
     def loss_fn(params, batch, denom):
         model = nnx.merge(graphdef, params)
-        nll, z = model_loss_sums(model, batch, chunk_size=chunk_size, zigzag=zigzag)
-        return (nll + z_loss * z) / denom, (nll, z)
+        objective, nll, z = model_loss_sums(model, batch, chunk_size=chunk_size, zigzag=zigzag, z_weight=z_loss)
+        return objective / denom, (nll, z)  # objective = nll + z_loss * z; nll, z carry no gradient
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
