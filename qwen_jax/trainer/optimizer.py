@@ -1,4 +1,4 @@
-"""The optax chain: warmup + decay schedule, AdamW with a weight-decay mask, clipping, freezing.
+"""The optimizer: warmup + decay schedule, AdamW with a weight-decay mask, clipping, freezing.
 
 Parameters are a plain nested dict (`nnx.to_pure_dict` of the model's Params); a parameter's
 *path* is its keys joined by "/" (e.g. `layers/mlp/gate_proj/kernel`, stacked over layers).
@@ -10,15 +10,19 @@ or ALL):
 * `freeze_layers=N` — the embeddings and decoder layers 0..N-1.  Decoder parameters are stacked
   `[L, ...]`, so this freezes *part* of an array: indices < N along the layer axis.
 
-Frozen whole leaves get `optax.set_to_zero()` inside `optax.multi_transform` (no AdamW state is
-allocated for them).  Partly frozen leaves are multiplied by a layer mask twice: on the
-gradient (so clipping and the reported grad norm see trainable parameters only) and on the
+Frozen whole leaves get a zero update and no AdamW state.  Partly frozen leaves are multiplied by
+a layer mask twice: on the gradient (so clipping and the reported grad norm see trainable parameters only) and on the
 final update (after AdamW, so weight decay cannot move them either).  Frozen values therefore
 stay bit-identical.  A pattern that matches nothing, or N above the layer count, is an error.
+
+`make_optimizer` returns `fused_adamw` (the whole update as one elementwise expression per
+parameter: fewer passes over memory on GPU); `optax_chain` is the same optimizer built from
+optax's parts, kept as its test reference.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, NamedTuple
 
@@ -154,11 +158,84 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p).rsplit("/", 1)[-1] not in NO_DECAY, params)
 
 
+class FusedAdamWState(NamedTuple):
+    count: jax.Array  # int32 scalar: completed updates
+    mu: Any  # params-shaped; None for wholly frozen leaves (no state allocated)
+    nu: Any
+
+
+def fused_adamw(schedule: optax.Schedule, *, b1: float, b2: float, eps: float, weight_decay: float,
+                grad_clip: float, spec: FreezeSpec) -> optax.GradientTransformation:
+    """Freeze masks + global-norm clipping + masked AdamW as one elementwise function per parameter.
+
+    The same math as `optax_chain` (the reference it is tested against), written so that XLA
+    sees each parameter's whole update (gradient mask, clip scale, both moments, bias
+    correction, weight decay, learning rate, update mask) as one expression with three outputs
+    (update, mu, nu) instead of a chain of tree maps: one pass over p, g, mu, nu.  The optax
+    chain costs 60 bytes/parameter in XLA's cost analysis, this 44 (ideal: 28 + 4 for the norm).
+    """
+    def init(params):
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+
+        def zeros():
+            return jax.tree_util.tree_unflatten(treedef, [
+                None if spec.frozen.get(path_str(p)) == ALL else jnp.zeros_like(x) for p, x in leaves])
+
+        return FusedAdamWState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("fused_adamw needs params (weight decay)")
+        grads = apply_freeze(grads, spec)
+        scale = jnp.ones([], jnp.float32)
+        if grad_clip and grad_clip > 0:
+            norm = optax.global_norm(grads)
+            scale = jnp.where(norm < grad_clip, 1.0, grad_clip / norm)
+        count = optax.safe_increment(state.count)
+        lr = schedule(state.count)
+        bc1 = 1 - jnp.asarray(b1, jnp.float32) ** count
+        bc2 = 1 - jnp.asarray(b2, jnp.float32) ** count
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        g_l, m_l, v_l = (treedef.flatten_up_to(t) for t in (grads, state.mu, state.nu))
+        decay = treedef.flatten_up_to(decay_mask(params))
+        ups, mus, nus = [], [], []
+        for (path, p), g, m, v, d in zip(leaves, g_l, m_l, v_l, decay, strict=True):
+            n = spec.frozen.get(path_str(path), 0)
+            if n == ALL:
+                ups.append(jnp.zeros_like(g))
+                mus.append(None)
+                nus.append(None)
+                continue
+            g = g * scale.astype(g.dtype)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * jnp.square(g)
+            u = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
+            if d and weight_decay:
+                u = u + weight_decay * p
+            u = -lr * u
+            if n:
+                u = u * _layer_mask(u.shape, n, u.dtype)
+            ups.append(u)
+            mus.append(m)
+            nus.append(v)
+        unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
+        return unflat(ups), FusedAdamWState(count=count, mu=unflat(mus), nu=unflat(nus))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(params, opt_cfg, total_steps: int, spec: FreezeSpec) -> tuple[optax.GradientTransformation,
                                                                                    optax.Schedule]:
     """(tx, schedule).  `opt_cfg` has the keys of `configs/base.py`'s `optimizer` block."""
     schedule = make_schedule(opt_cfg.learning_rate, total_steps, opt_cfg.warmup_steps, opt_cfg.schedule,
                              opt_cfg.min_lr_ratio)
+    tx = fused_adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay,
+                     grad_clip=opt_cfg.grad_clip, spec=spec)
+    return tx, schedule
+
+
+def optax_chain(params, opt_cfg, schedule: optax.Schedule, spec: FreezeSpec) -> optax.GradientTransformation:
+    """The same optimizer as a plain optax chain: the reference `fused_adamw` is tested against."""
     adamw = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                         weight_decay=opt_cfg.weight_decay, mask=decay_mask)
     labels = jax.tree_util.tree_map_with_path(
@@ -168,4 +245,4 @@ def make_optimizer(params, opt_cfg, total_steps: int, spec: FreezeSpec) -> tuple
         parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
     parts.append(optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels))
     parts.append(freeze_transform(spec))
-    return optax.chain(*parts), schedule
+    return optax.chain(*parts)
