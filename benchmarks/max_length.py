@@ -19,12 +19,13 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import run_result_subprocess  # noqa: E402  (benchmarks/ on sys.path)
 
 
 def worker(impl, seq, variant, preset, execute):
@@ -87,16 +88,7 @@ def run_worker(impl, seq, args, execute=False):
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--seq", str(seq), "--variant", args.variant,
            "--preset", args.preset] + (["--execute"] if execute else [])
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92")
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {args.timeout}s"}
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = (p.stderr or p.stdout).strip().splitlines()
-    oom = any("RESOURCE_EXHAUSTED" in x or "out of memory" in x for x in tail)
-    return {"error": "out of memory" if oom else (tail[-1][:200] if tail else f"exit {p.returncode}")}
+    return run_result_subprocess(cmd, env, args.timeout, ROOT)
 
 
 def main():

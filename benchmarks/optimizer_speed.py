@@ -21,20 +21,8 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
-
-
-def timed(fn, *args, reps=10):
-    import jax
-
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import timed  # noqa: E402  (benchmarks/ on sys.path)
 
 
 def main():
@@ -91,7 +79,7 @@ def main():
             params = jax.tree.map(lambda a: jnp.full(a.shape, 0.01, jnp.float32), shapes)
 
     x = jnp.ones((n,), jnp.float32)
-    copy = timed(jax.jit(lambda x: x * 2.0), x)
+    copy = timed(jax.jit(lambda x: x * 2.0), x, reps=10)
     bw = 8 * n / copy
     ideal = 28 * n / bw
     print(f"\n{jax.devices()[0].device_kind}  {args.preset}: {n / 1e9:.2f}B fp32 parameters; "

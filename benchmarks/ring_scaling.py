@@ -31,31 +31,16 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import run_result_subprocess, timed  # noqa: E402  (benchmarks/ on sys.path)
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 2, 128
-
-
-def _timed(fn, *args, reps=5):
-    import jax
-
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def _peak_gib():
@@ -161,7 +146,7 @@ def worker_attn(impl, seq, ngpu):
         out, vjp = jax.vjp(attn, q, k, v)
         return vjp(do)
 
-    step_s, _ = _timed(jax.jit(fwd_bwd), q, k, v, do)
+    step_s = timed(jax.jit(fwd_bwd), q, k, v, do)
     return {"step_s": step_s, "peak_gib": _peak_gib(), "flops": 3.5 * 2 * 2 * HEADS * HEAD_DIM * seq * seq / 2,
             "device": jax.devices()[0].device_kind}
 
@@ -191,18 +176,7 @@ def run_worker(args_list, ngpu, timeout):
     env.setdefault("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=true")
     if ngpu == 1:
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout}s"}
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = (p.stderr or p.stdout).strip().splitlines()
-    oom = any("RESOURCE_EXHAUSTED" in x or "out of memory" in x for x in tail)
-    errors = [x for x in tail if re.match(r"^\w*(Error|Exception)\b", x)]
-    last = errors[-1] if errors else (tail[-1] if tail else f"exit {p.returncode}")
-    return {"error": "out of memory" if oom else last[:300]}
+    return run_result_subprocess(cmd, env, timeout, ROOT)
 
 
 def _efficiency(two, one):

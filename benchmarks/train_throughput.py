@@ -41,12 +41,13 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import run_result_subprocess  # noqa: E402  (benchmarks/ on sys.path)
 
 PRESETS = {"0.5b": "qwen2-0.5b", "1.5b": "qwen2-1.5b", "7b": "qwen2-7b", "tiny": "tiny"}
 PEAK = 989e12
@@ -332,16 +333,7 @@ def run_worker(framework, shape, variant, steps, timeout, xla_flags=None):
     if xla_flags is not None:
         env["XLA_FLAGS"] = xla_flags
     env.setdefault("XLA_FLAGS", DEFAULT_XLA_FLAGS)
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout}s"}
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = (p.stderr or p.stdout).strip().splitlines()
-    oom = any("RESOURCE_EXHAUSTED" in x or "OutOfMemory" in x or "out of memory" in x for x in tail)
-    return {"error": "out of memory" if oom else (tail[-1][:200] if tail else f"exit {p.returncode}")}
+    return run_result_subprocess(cmd, env, timeout, ROOT)
 
 
 def main():

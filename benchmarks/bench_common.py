@@ -1,0 +1,39 @@
+"""Helpers shared by the benchmark scripts: one measurement per subprocess, median timing."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import time
+
+
+def run_result_subprocess(cmd: list[str], env: dict, timeout: float, cwd: str) -> dict:
+    """Run a worker that prints `RESULT <json>`: its dict, or {"error": ...} (timeout, out of memory, last error)."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout}s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (p.stderr or p.stdout).strip().splitlines()
+    if any("RESOURCE_EXHAUSTED" in x or "OutOfMemory" in x or "out of memory" in x for x in tail):
+        return {"error": "out of memory"}
+    errors = [x for x in tail if re.match(r"^\w*(Error|Exception)\b", x)]
+    last = errors[-1] if errors else (tail[-1] if tail else f"exit {p.returncode}")
+    return {"error": last[:300]}
+
+
+def timed(fn, *args, reps: int = 5) -> float:
+    """Median seconds of `fn(*args)` (synced), after one untimed call (compilation)."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
