@@ -31,25 +31,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from qwen_jax.sharding import constrain  # noqa: E402
-from qwen_jax.trainer.loss import fused_cross_entropy  # noqa: E402
+from qwen_jax.trainer.loss import _chunks, fused_cross_entropy  # noqa: E402
 
 VOCAB = 151936
 
 
 def checkpointed_cross_entropy(hidden, w_out, targets, loss_mask, *, chunk_size: int = 1024):
     """The previous implementation: (nll sum, z sum), each chunk under jax.checkpoint, autodiff backward."""
-    b, t, e = hidden.shape
-    c = max(1, min(int(chunk_size), t))
-    pad = (-t) % c
-    loss_mask = loss_mask.astype(jnp.float32)
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        loss_mask = jnp.pad(loss_mask, ((0, 0), (0, pad)))
-    n = (t + pad) // c
-    hs = hidden.reshape(b, n, c, e).swapaxes(0, 1)
-    ts = targets.reshape(b, n, c).swapaxes(0, 1)
-    ms = loss_mask.reshape(b, n, c).swapaxes(0, 1)
+    hs, ts, ms = _chunks(hidden, targets, loss_mask, chunk_size)  # the same chunking as the fused loss
 
     @jax.checkpoint
     def chunk(w, h, tgt, m):

@@ -35,7 +35,14 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from qwen_jax.attention.blockwise import BlockAux, BlockSpec, attention_bwd, attention_fwd, blockwise_attention
+from qwen_jax.attention.blockwise import (
+    BlockAux,
+    BlockSpec,
+    _zero_cotangent,
+    attention_bwd,
+    attention_fwd,
+    blockwise_attention,
+)
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -314,14 +321,6 @@ class _Ring:
         init = (tuple(jnp.zeros(x.shape, jnp.float32) for x in qs), kv0, (zeros_kv, zeros_kv))
         dqs, _, (dk, dv) = lax.fori_loop(0, n, body, init)
         return dqs, dk, dv
-
-
-def _zero_cotangent(x):
-    if x is None:
-        return None
-    if jnp.issubdtype(x.dtype, jnp.floating):
-        return jnp.zeros_like(x)
-    return np.zeros(x.shape, jax.dtypes.float0)
 
 
 def _make_local_fn(axis_name, n, layout, spec: BlockSpec, core="blockwise"):
