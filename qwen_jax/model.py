@@ -13,6 +13,7 @@ kinds (full vs sliding window) run as separate consecutive scans.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -34,6 +35,30 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def unstack_layers(stacked, n: int) -> list:
+    """The `n` per-layer trees of a stacked tree (`[n, ...]` leaves): `out[i]` holds `leaf[i]`.
+
+    Why a custom VJP: autodiff of `n` slices `a[i]` gives each layer's cotangent zero-padded to
+    the whole stack and sums the `n` padded arrays, so every gradient element of a stacked
+    parameter is assembled from `n` operands in one memory-bound pass.  The backward here is one
+    `jnp.stack` (a concatenate) of the per-layer cotangents, which XLA fuses into the consumers
+    (gradient norm, optimizer update).  Same values, exactly.
+    """
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
+
+
+def _unstack_fwd(stacked, n):
+    return unstack_layers(stacked, n), None
+
+
+def _unstack_bwd(n, _, cotangents):
+    return (jax.tree.map(lambda *layers: jnp.stack(layers), *cotangents),)
+
+
+unstack_layers.defvjp(_unstack_fwd, _unstack_bwd)
 
 
 def ring_size(cfg: QwenConfig) -> int:
@@ -128,10 +153,11 @@ class Qwen(nnx.Module):
         return constrain(out, ("batch", "length", "act_vocab"))
 
     def output_embedding(self):
-        """The [embed, vocab] output projection (transposed embedding when tied)."""
+        """(output projection, vocab_major): the tied embedding as stored ([vocab, embed], True) or
+        the lm_head kernel ([embed, vocab], False).  Not transposed, so its gradient needs no transpose."""
         if self.cfg.tie_word_embeddings:
-            return self.embed_tokens.embedding.value.T
-        return self.lm_head.kernel.value
+            return self.embed_tokens.embedding.value, True
+        return self.lm_head.kernel.value, False
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
         return self.logits(self.hidden_states(input_ids, positions, segment_ids))
@@ -158,6 +184,6 @@ class Qwen(nnx.Module):
         if self.cfg.scan_layers:
             x, _ = jax.lax.scan(lambda c, s: (one_layer(c, s), None), x, state)
             return x
-        for i in range(n):
-            x = one_layer(x, jax.tree.map(lambda a, i=i: a[i], state))
+        for layer_state in unstack_layers(state, n):
+            x = one_layer(x, layer_state)
         return x

@@ -88,11 +88,30 @@ def test_only_the_objective_is_differentiable():
 
 def test_tied_embedding_gradient_flows_through_transpose():
     h, w, tgt, mask = inputs()
-    emb = w.T  # [vocab, embed]; the model passes emb.T as w_out
+    emb = w.T  # [vocab, embed]
     g = jax.grad(lambda e: fused(h, e.T, tgt, mask, 16, 1e-4)[0])(emb)
     g_ref = jax.grad(lambda e: unfused(h, e.T, tgt, mask, 1e-4)[0])(emb)
     assert g.shape == emb.shape
     assert_close(g, g_ref, 1e-5)
+
+
+def test_vocab_major_projection_equals_transposed():
+    """vocab_major=True (the tied embedding as stored, [vocab, embed]): same values and gradients as w_out = emb.T,
+    with the gradient computed in [vocab, embed] layout (no transpose in the jaxpr)."""
+    h, w, tgt, mask = inputs(seed=2)
+    emb = w.T
+
+    def vm(h, e):
+        return fused_cross_entropy(h, e, tgt, mask, chunk_size=16, z_weight=1e-4, vocab_major=True)[0]
+
+    got = jax.value_and_grad(vm, (0, 1))(h, emb)
+    want = jax.value_and_grad(lambda h, e: unfused(h, e.T, tgt, mask, 1e-4)[0], (0, 1))(h, emb)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(got[1], want[1], strict=True):
+        assert a.shape == b.shape
+        assert_close(a, b, 1e-5)
+    jaxpr = str(jax.make_jaxpr(jax.grad(vm, 1))(h, emb))
+    assert f"f32[{V},{E}]" in jaxpr and f"[{E},{V}]" not in jaxpr  # no [embed, vocab] array, so no transpose
 
 
 def test_bf16_hidden_with_f32_weights():

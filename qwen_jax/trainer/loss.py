@@ -37,8 +37,13 @@ import jax.numpy as jnp
 from qwen_jax.sharding import constrain
 
 
-def fused_cross_entropy(hidden, w_out, targets, loss_mask, *, chunk_size: int = 1024, z_weight: float = 0.0):
+def fused_cross_entropy(hidden, w_out, targets, loss_mask, *, chunk_size: int = 1024, z_weight: float = 0.0,
+                        vocab_major: bool = False):
     """(objective_sum, nll_sum, z_sum) for hidden [b, t, e], w_out [e, vocab], targets [b, t], loss_mask [b, t].
+
+    `vocab_major=True`: `w_out` is [vocab, e] instead (a tied embedding as it is stored).  Its
+    gradient is then accumulated in that layout too, so no [vocab, e] transpose is
+    materialised when it meets the embedding lookup's gradient.
 
     nll_sum = sum over tokens of mask * (logsumexp(logits) - logits[target]),
     z_sum = sum of mask * logsumexp(logits)^2, objective_sum = nll_sum + z_weight * z_sum.
@@ -50,7 +55,8 @@ def fused_cross_entropy(hidden, w_out, targets, loss_mask, *, chunk_size: int = 
     `targets` are integers (no cotangent) and `loss_mask` is treated as a constant (its
     cotangent is zero).  `chunk_size` and `z_weight` are static Python numbers.
     """
-    objective, nll, z = _fused_ce(hidden, w_out, targets, loss_mask, int(chunk_size), float(z_weight))
+    objective, nll, z = _fused_ce(hidden, w_out, targets, loss_mask, int(chunk_size), float(z_weight),
+                                  bool(vocab_major))
     return objective, jax.lax.stop_gradient(nll), jax.lax.stop_gradient(z)
 
 
@@ -62,8 +68,9 @@ def model_loss_sums(model, batch, *, chunk_size: int = 1024, zigzag: bool = Fals
     before); the token sum is order-invariant, so nothing is permuted back.
     """
     hidden = model.hidden_states(batch["input_ids"], batch.get("positions"), batch.get("segment_ids"), zigzag=zigzag)
-    return fused_cross_entropy(hidden, model.output_embedding(), batch["targets"], batch["loss_mask"],
-                               chunk_size=chunk_size, z_weight=z_weight)
+    w_out, vocab_major = model.output_embedding()
+    return fused_cross_entropy(hidden, w_out, batch["targets"], batch["loss_mask"], chunk_size=chunk_size,
+                               z_weight=z_weight, vocab_major=vocab_major)
 
 
 def reference_loss(logits, targets, loss_mask):
@@ -93,24 +100,29 @@ def _chunks(hidden, targets, loss_mask, chunk_size):
     return hs, ts, ms
 
 
-def _chunk_loss(h, w, tgt, m):
+def _w_spec(vocab_major: bool) -> str:
+    """einsum letters of the output projection: [vocab, embed] or [embed, vocab]."""
+    return "ve" if vocab_major else "ev"
+
+
+def _chunk_loss(h, w, tgt, m, vocab_major):
     """Logits of one chunk (float32), their log-sum-exp, and the chunk's NLL and z sums."""
-    logits = jnp.einsum("bce,ev->bcv", h, w, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f"bce,{_w_spec(vocab_major)}->bcv", h, w, preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", "length", "act_vocab"))
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
     return logits, lse, jnp.sum((lse - target_logit) * m), jnp.sum(jnp.square(lse) * m)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_ce(hidden, w_out, targets, loss_mask, chunk_size, z_weight):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_ce(hidden, w_out, targets, loss_mask, chunk_size, z_weight, vocab_major):
     """Primal (no differentiation): the loss only, one matmul per chunk."""
     hs, ts, ms = _chunks(hidden, targets, loss_mask, chunk_size)
     w = w_out.astype(hidden.dtype)
 
     def body(carry, xs):
         h, tgt, m = xs
-        _, _, nll, z = _chunk_loss(h, w, tgt, m)
+        _, _, nll, z = _chunk_loss(h, w, tgt, m, vocab_major)
         return (carry[0] + nll, carry[1] + z), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -118,36 +130,37 @@ def _fused_ce(hidden, w_out, targets, loss_mask, chunk_size, z_weight):
     return nll + z_weight * z, nll, z
 
 
-def _fused_ce_fwd(hidden, w_out, targets, loss_mask, chunk_size, z_weight):
+def _fused_ce_fwd(hidden, w_out, targets, loss_mask, chunk_size, z_weight, vocab_major):
     """Loss and, chunk by chunk, its gradient w.r.t. hidden and w_out (3 matmuls per chunk)."""
     b, t, e = hidden.shape
     hs, ts, ms = _chunks(hidden, targets, loss_mask, chunk_size)
     w = w_out.astype(hidden.dtype)
-    vocab = w.shape[1]
+    vocab = w.shape[0 if vocab_major else 1]
+    w_spec, w_axes = _w_spec(vocab_major), (("vocab", "embed") if vocab_major else ("embed", "vocab"))
 
     def body(carry, xs):
         nll_acc, z_acc, dw_acc = carry
         h, tgt, m = xs
-        logits, lse, nll, z = _chunk_loss(h, w, tgt, m)
+        logits, lse, nll, z = _chunk_loss(h, w, tgt, m, vocab_major)
         # d(nll + z_weight * z)/dlogits: mask * (softmax * (1 + 2 z_weight lse) - onehot(target))
         p = jnp.exp(logits - lse[..., None])
         scale = m * (1.0 + 2.0 * z_weight * lse) if z_weight else m
         dlogits = p * scale[..., None] - jax.nn.one_hot(tgt, vocab, dtype=jnp.float32) * m[..., None]
         dlogits = constrain(dlogits.astype(h.dtype), ("batch", "length", "act_vocab"))
-        dh = jnp.einsum("bcv,ev->bce", dlogits, w, preferred_element_type=jnp.float32).astype(hidden.dtype)
-        dw = dw_acc + jnp.einsum("bce,bcv->ev", h, dlogits, preferred_element_type=jnp.float32)
-        return (nll_acc + nll, z_acc + z, constrain(dw, ("embed", "vocab"))), dh
+        dh = jnp.einsum(f"bcv,{w_spec}->bce", dlogits, w, preferred_element_type=jnp.float32).astype(hidden.dtype)
+        dw = dw_acc + jnp.einsum(f"bce,bcv->{w_spec}", h, dlogits, preferred_element_type=jnp.float32)
+        return (nll_acc + nll, z_acc + z, constrain(dw, w_axes)), dh
 
-    # dW is sharded like the parameter ([embed, vocab]; the tied embedding's transpose too), so a
-    # chunk's sum over the batch shards is a reduce-scatter into the accumulator, not an all-reduce
+    # dW is sharded like the parameter, so a chunk's sum over the batch shards is a
+    # reduce-scatter into the accumulator, not an all-reduce
     zero = jnp.zeros((), jnp.float32)
-    dw0 = constrain(jnp.zeros(w.shape, jnp.float32), ("embed", "vocab"))
+    dw0 = constrain(jnp.zeros(w.shape, jnp.float32), w_axes)
     (nll, z, dw), dhs = jax.lax.scan(body, (zero, zero, dw0), (hs, ts, ms))
     d_hidden = dhs.swapaxes(0, 1).reshape(b, -1, e)[:, :t]
     return (nll + z_weight * z, nll, z), (d_hidden, dw.astype(w_out.dtype))
 
 
-def _fused_ce_bwd(chunk_size, z_weight, res, cts):
+def _fused_ce_bwd(chunk_size, z_weight, vocab_major, res, cts):
     """Scale the saved gradients by the objective's cotangent.
 
     The cotangents of nll_sum and z_sum are dropped: `fused_cross_entropy`, the only caller,
