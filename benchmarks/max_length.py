@@ -8,8 +8,10 @@ inputs, and XLA's buffer assignment (`compiled.memory_analysis()`: arguments + o
 temporaries - aliased/donated) says how much device memory it needs; nothing is executed, so
 slow paths (the XLA reference at 128k would take minutes per step) are sized in seconds.  A
 length "fits" when that total is under the device's memory limit (`bytes_limit` of the memory
-pool).  `--run IMPL` then executes two steps of IMPL at its longest fitting length to confirm
-the estimate against the measured `peak_bytes_in_use`.  Each length runs in its own subprocess.
+pool, or `--limit_gib`: XLA's buffer assignment does not depend on the card's size, so one
+GPU of the same architecture sizes another's).  `--run IMPL` then executes two steps of IMPL at
+its longest fitting length to confirm the estimate against the measured `peak_bytes_in_use`.
+Each length runs in its own subprocess.
 Table on stdout, JSON in benchmarks/results/max_length.json (and $OUT).
 """
 
@@ -98,6 +100,9 @@ def main():
     p.add_argument("--variant", default="full/scan/4096", help="remat/scan|noscan/loss chunk")
     p.add_argument("--preset", default="qwen2-0.5b")
     p.add_argument("--run", default="", help="implementations to execute at their longest fitting length")
+    p.add_argument("--limit_gib", type=float, default=0.0,
+                   help="judge 'fits' against this many GiB instead of this device's pool (e.g. 73.0: an 80 GB "
+                        "H100's pool at XLA_PYTHON_CLIENT_MEM_FRACTION=0.92)")
     p.add_argument("--timeout", type=int, default=300)
     p.add_argument("--worker", action="store_true")
     p.add_argument("--execute", action="store_true")
@@ -113,6 +118,8 @@ def main():
         longest = None
         for seq in [int(s) for s in args.seqs.split(",")]:
             r = {"impl": impl, "seq": seq, **run_worker(impl, seq, args)}
+            if args.limit_gib:
+                r["limit_gib"] = args.limit_gib
             r["fits"] = "error" not in r and (not r["limit_gib"] or r["need_gib"] <= r["limit_gib"])
             rows.append(r)
             print(json.dumps(r), flush=True)

@@ -2,6 +2,8 @@
 
     python benchmarks/ring_scaling.py --check                  # cuDNN ring core vs references
     python benchmarks/ring_scaling.py --seqs 65536,131072      # attention + train-step scaling
+    python benchmarks/ring_scaling.py --meshes "seq=8;seq=4,fsdp=2" --seqs 131072,262144,524288,1048576
+                                                               # 8 GPUs vs the 2-GPU ring, same tokens/GPU
 
 Every measurement runs in its own subprocess (clean memory pool and peak counter):
 
@@ -20,6 +22,15 @@ raw step-time ratio T1(L/2) / T2(L) understates the ring.  We report both:
     efficiency = [F(L) / (2 * T2(L))] / [F(L/2) / T1(L/2)]      (model FLOP/s per GPU, ring / single)
     time ratio = T1(L/2) / T2(L)
 
+`--meshes`: train rows on larger meshes (`seq=8`, `seq=4,fsdp=2`, ...).  A mesh row at length L
+holds data x fsdp sequences of L tokens (one per data/fsdp rank), so each GPU holds L / seq tokens;
+its reference is the 2-GPU ring ({seq: 2}, one sequence) at L' = 2 L / seq, the same tokens per GPU:
+
+    efficiency = [F_mesh / (n_mesh * T_mesh)] / [F(L') / (2 * T2(L'))]   (model FLOP/s per GPU)
+
+with F_mesh = (data x fsdp) * F(L).  Both sides are causal, and a longer ring does more attention
+work per token, which FLOP/s per GPU accounts for.
+
 with F(L) = model FLOPs of one sequence of L tokens (`metrics.flops_per_token(cfg, L) * L`, the
 causal convention of `train_throughput.py`; attention for `attn` rows: 3.5 * 2*2*H*D*L^2/2).
 Results: table on stdout, JSON in benchmarks/results/ring_scaling.json (and $OUT).
@@ -30,6 +41,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
@@ -151,22 +163,44 @@ def worker_attn(impl, seq, ngpu):
             "device": jax.devices()[0].device_kind}
 
 
-def worker_train(seq, ngpu, variant, steps, preset="qwen2-0.5b", single="cudnn"):
+def parse_mesh(text: str) -> dict:
+    """`seq=4,fsdp=2` -> {"seq": 4, "fsdp": 2} (axes of `qwen_jax.sharding.MESH_AXES`, sizes >= 1)."""
+    from qwen_jax.sharding import MESH_AXES
+
+    shape = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, size = item.partition("=")
+        if not sep or name.strip() not in MESH_AXES or not size.strip().isdigit() or int(size) < 1:
+            raise ValueError(f"mesh {text!r}: expected axis=size items with axes {MESH_AXES}, got {item!r}")
+        shape[name.strip()] = int(size)
+    if not shape:
+        raise ValueError(f"mesh {text!r} is empty")
+    return shape
+
+
+def mesh_devices(shape: dict) -> int:
+    return math.prod(shape.values())
+
+
+def worker_train(seq, ngpu, variant, steps, preset="qwen2-0.5b", single="cudnn", mesh=""):
     import jax
     from train_throughput import build_jax_step, run_steps  # benchmarks/ is on sys.path
 
     from qwen_jax.metrics import flops_per_token
 
-    attention = "ring" if ngpu > 1 else single
-    step, state, batches, cfg = build_jax_step(preset, seq, 1, f"{attention}/{variant}", n_batches=2, ring=ngpu)
+    shape = parse_mesh(mesh) if mesh else {"seq": ngpu}
+    batch = shape.get("data", 1) * shape.get("fsdp", 1)
+    attention = "ring" if shape.get("seq", 1) > 1 else single
+    step, state, batches, cfg = build_jax_step(preset, seq, batch, f"{attention}/{variant}", n_batches=2,
+                                               mesh_shape=shape)
     t0 = time.perf_counter()
     state, m, _ = run_steps(step, state, batches, 1)
     compile_s = time.perf_counter() - t0
     state, m, _ = run_steps(step, state, batches, 1)
     state, m, times = run_steps(step, state, batches, steps)
     return {"step_s": statistics.median(times), "compile_s": compile_s, "loss": float(m["loss"]),
-            "peak_gib": _peak_gib(), "flops": flops_per_token(cfg, seq) * seq,
-            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+            "peak_gib": _peak_gib(), "flops": flops_per_token(cfg, seq) * seq * batch, "batch": batch,
+            "mesh": shape, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 
 # ------------------------------------------------------------------ driver
@@ -179,12 +213,36 @@ def run_worker(args_list, ngpu, timeout):
     return run_result_subprocess(cmd, env, timeout, ROOT)
 
 
-def _efficiency(two, one):
-    if "error" in two or "error" in one:
+def _efficiency(big, small, n_big=2, n_small=1):
+    """(model FLOP/s per GPU of `big` over that of `small`, step time ratio small / big); None if either failed."""
+    if "error" in big or "error" in small:
         return None, None
-    per_gpu_two = two["flops"] / (2 * two["step_s"])
-    per_gpu_one = one["flops"] / one["step_s"]
-    return per_gpu_two / per_gpu_one, one["step_s"] / two["step_s"]
+    per_gpu_big = big["flops"] / (n_big * big["step_s"])
+    per_gpu_small = small["flops"] / (n_small * small["step_s"])
+    return per_gpu_big / per_gpu_small, small["step_s"] / big["step_s"]
+
+
+def mesh_rows(args, result):
+    """Train rows on each --meshes mesh at each --seqs length, each against the 2-GPU ring at the same tokens/GPU."""
+    shapes = [(text, parse_mesh(text)) for text in filter(None, (x.strip() for x in args.meshes.split(";")))]
+    common = ["--variant", args.variant, "--steps", str(args.steps), "--preset", args.preset, "--single", args.single]
+    refs = {}
+    for seq in [int(s) for s in args.seqs.split(",") if s]:
+        for text, shape in shapes:
+            n, ring = mesh_devices(shape), shape.get("seq", 1)
+            if seq % (2 * ring):
+                raise SystemExit(f"--seqs {seq}: not divisible by 2 x seq axis ({2 * ring}) of mesh {text!r}")
+            ref_seq = 2 * seq // ring
+            if ref_seq not in refs:
+                refs[ref_seq] = run_worker(["train", "--seq", str(ref_seq), "--mesh", "seq=2", *common], 2,
+                                           args.timeout)
+                result["train"].append({"impl": "ring, seq=2", "seq": ref_seq, "ngpu": 2, **refs[ref_seq]})
+                print(json.dumps(result["train"][-1]), flush=True)
+            row = run_worker(["train", "--seq", str(seq), "--mesh", text, *common], n, args.timeout)
+            eff, ratio = _efficiency(row, refs[ref_seq], n_big=n, n_small=2)
+            result["train"].append({"impl": f"ring, {text}", "seq": seq, "ngpu": n, **row, "efficiency": eff,
+                                    "time_ratio": ratio, "reference_seq": ref_seq})
+            print(json.dumps(result["train"][-1]), flush=True)
 
 
 def main():
@@ -205,6 +263,9 @@ def main():
     p.add_argument("--impl", default="")
     p.add_argument("--seq", type=int, default=0)
     p.add_argument("--ngpu", type=int, default=1)
+    p.add_argument("--meshes", default="", help="';'-separated meshes for train rows, e.g. 'seq=8;seq=4,fsdp=2' "
+                                                "(each against the 2-GPU ring at the same tokens per GPU)")
+    p.add_argument("--mesh", default="", help="worker: the train row's mesh")
     p.add_argument("--out", default=os.environ.get("OUT", ""))
     args = p.parse_args()
     if args.worker:
@@ -213,12 +274,19 @@ def main():
         elif args.worker == "attn":
             res = worker_attn(args.impl, args.seq, args.ngpu)
         else:
-            res = worker_train(args.seq, args.ngpu, args.variant, args.steps, args.preset, args.single)
+            res = worker_train(args.seq, args.ngpu, args.variant, args.steps, args.preset, args.single, args.mesh)
         print("RESULT " + json.dumps(res), flush=True)
         return
 
     result = {"date": datetime.date.today().isoformat(), "attention": [], "train": []}
-    if args.check:
+    if args.meshes:
+        try:
+            for text in filter(None, (x.strip() for x in args.meshes.split(";"))):
+                parse_mesh(text)
+        except ValueError as e:
+            p.error(str(e))
+        mesh_rows(args, result)
+    elif args.check:
         res = run_worker(["check", "--seq", str(args.check_seq)], 2, args.timeout)  # ring rows need 2 GPUs
         result["check"] = res
         print(json.dumps(res, indent=1), flush=True)
@@ -249,7 +317,8 @@ def main():
                                         "time_ratio": ratio})
                 print(json.dumps(result["train"][-1]), flush=True)
     result["variant"] = args.variant
-    name = "ring_scaling_check.json" if args.check else "ring_scaling.json"
+    name = "ring_scaling_check.json" if args.check else ("ring_scaling_meshes.json" if args.meshes else
+                                                         "ring_scaling.json")
     for folder in filter(None, [os.path.join(ROOT, "benchmarks", "results"), args.out]):
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, name), "w") as f:
@@ -258,7 +327,8 @@ def main():
         return
     device = next((r.get("device") for r in result["attention"] + result["train"] if r.get("device")), "?")
     print(f"\n{datetime.date.today()}  {device}  (train variant {args.variant})")
-    print(f"{'what':<11}{'impl':<24}{'seq':>8}{'step ms':>10}{'peak GiB':>9}{'TFLOP/s/GPU':>12}{'eff':>7}{'T1/T2':>7}")
+    print(f"{'what':<11}{'impl':<24}{'seq':>8}{'step ms':>10}{'tok/s':>9}{'peak GiB':>9}{'TFLOP/s/GPU':>12}"
+          f"{'eff':>7}{'T1/T2':>7}")
     for what in ("attention", "train"):
         for r in result[what]:
             if "error" in r:
@@ -267,8 +337,9 @@ def main():
             tf = r["flops"] / r["step_s"] / r["ngpu"] / 1e12
             eff = f"{100 * r['efficiency']:.0f}%" if r.get("efficiency") else ""
             ratio = f"{r['time_ratio']:.2f}" if r.get("time_ratio") else ""
-            print(f"{what:<11}{r['impl']:<24}{r['seq']:>8}{r['step_s'] * 1e3:>10.1f}{r['peak_gib']:>9.1f}"
-                  f"{tf:>12.0f}{eff:>7}{ratio:>7}")
+            tokens = r["seq"] * r.get("batch", 1) / r["step_s"]
+            print(f"{what:<11}{r['impl']:<24}{r['seq']:>8}{r['step_s'] * 1e3:>10.1f}{tokens:>9.0f}{r['peak_gib']:>9.1f}"
+                  f"{tf:>12.3g}{eff:>7}{ratio:>7}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ subprocess keeps the caller's XLA_FLAGS, or `default` when none is set.  Shapes 
 `size:SEQxBATCH`, size one of PRESETS below or any name of `configs.model_presets` (`tiny` is
 a 2-layer model for CPU smoke tests).  Other scripts build the same step with `build_jax_step`.
 
-Reported per row: tokens/s and step time (median of --steps timed steps after warm-up), peak
+Step time, both frameworks alike: after warm-up, --blocks blocks of --steps steps each are run
+back to back with one device sync at the end of a block (as a training loop runs: the host
+queues step i+1 while step i computes); the step time is the median over blocks of block time /
+--steps.  `step_s_synced` (median of --steps steps each followed by a sync, so every step also
+pays the host's dispatch latency) is reported beside it.
+
+Reported per row: tokens/s and step time, peak
 device memory, MFU against 989 TFLOP/s (H100/H200 dense bf16) and against the bf16 matmul
 rate measured in this run, and ours/theirs.  The matmul rate (both frameworks, same method):
 one call = 10 chained bf16 matmuls x_{i+1} = x_i @ B_i (distinct B_i with N(0, 1/k) entries, so
@@ -29,7 +35,8 @@ the best of the shapes m x k x k in MATMUL_SHAPES is the ceiling (`matmul_flops`
 `matmul_by_shape`).  Model FLOPs per token (both frameworks): 6 * N_matmul + 3 * causal
 attention forward FLOPs, N_matmul = all decoder parameters plus the output projection (the
 embedding lookup is no matmul); causal attention forward = 2 * 2 * L * H * D * T / 2 per token
-(half the score matrix).  Results: table on stdout, JSON in
+(half the score matrix).  MFUfull counts attention unmasked (12 * L * H * D * T per token,
+PaLM's convention, the one behind the issue's PyTorch reference figures).  Results: table on stdout, JSON in
 benchmarks/results/train_throughput.json (and --out).
 """
 
@@ -100,7 +107,7 @@ def xla_flags_for(variant: str, table: dict, inherited: str | None = None) -> st
 
 # ------------------------------------------------------------------ shared building blocks
 def build_jax_step(preset_or_cfg, seq: int, batch: int, variant: str, n_batches: int = 3, seed: int = 0,
-                   ring: int = 1):
+                   ring: int = 1, mesh_shape: dict | None = None):
     """Our jitted train step on one device, as benchmarked: `(step, state, batches, cfg)`.
 
     `preset_or_cfg`: a PRESETS key, a `configs.model_presets` name, a Hugging Face config dict or
@@ -108,7 +115,9 @@ def build_jax_step(preset_or_cfg, seq: int, batch: int, variant: str, n_batches:
     are applied to it.  `step(state, batch) -> (state, metrics)` donates `state`; `batches` are
     `n_batches` random-token batches (one document per row) already on the device.
     `ring` > 1: a mesh {seq: ring} over the first `ring` devices (use attention "ring"); batches
-    carry positions and are permuted to the zig-zag layout, as the trainer does.
+    carry positions and are permuted to the zig-zag layout, as the trainer does.  `mesh_shape`
+    (e.g. {"seq": 4, "fsdp": 2}) replaces {seq: ring}: a mesh over the first prod(sizes) devices,
+    the ring over its `seq` axis, the batch split over data x fsdp.
     """
     import jax
     import numpy as np
@@ -127,7 +136,9 @@ def build_jax_step(preset_or_cfg, seq: int, batch: int, variant: str, n_batches:
     else:
         raw = get_preset(PRESETS.get(preset_or_cfg, preset_or_cfg)) if isinstance(preset_or_cfg, str) else preset_or_cfg
         cfg = config_from_dict(raw, **run)
-    mesh = sharding.make_mesh({"seq": ring}, devices=jax.devices()[:ring])
+    mesh_shape = dict(mesh_shape or {"seq": ring})
+    ring = int(mesh_shape.get("seq", 1))
+    mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:math.prod(mesh_shape.values())])
     c = get_config()
     graphdef, abstract, p_sh = ts.param_shardings(cfg, mesh)
     params = ts.init_params(cfg, seed, p_sh)
@@ -168,6 +179,20 @@ def run_steps(step, state, batches, n: int, timed: bool = True):
             times.append(time.perf_counter() - t0)
     jax.block_until_ready(m)
     return state, m, times
+
+
+def block_times(step, state, batches, n: int, blocks: int):
+    """`(state, metrics, [seconds per step of each block])`: `blocks` runs of `n` back-to-back steps, one sync each."""
+    import jax
+
+    per_step, m = [], None
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for i in range(n):
+            state, m = step(state, batches[i % len(batches)])
+        jax.block_until_ready((state, m))
+        per_step.append((time.perf_counter() - t0) / n)
+    return state, m, per_step
 
 
 def _best_rate(rates: dict):
@@ -246,7 +271,7 @@ def matmul_rate_torch(shapes=MATMUL_SHAPES, chain=MATMUL_CHAIN, reps=MATMUL_REPS
 
 
 # ------------------------------------------------------------------ workers
-def worker_jax(preset, seq, batch, variant, steps):
+def worker_jax(preset, seq, batch, variant, steps, blocks):
     import jax
 
     from qwen_jax.metrics import flops_per_token
@@ -256,19 +281,23 @@ def worker_jax(preset, seq, batch, variant, steps):
     state, m, _ = run_steps(step, state, batches, 1)
     compile_s = time.perf_counter() - t0
     state, m, _ = run_steps(step, state, batches, 2, timed=False)
-    state, m, times = run_steps(step, state, batches, steps)
+    state, m, synced = run_steps(step, state, batches, steps)
+    state, m, per_block = block_times(step, state, batches, steps, blocks)
     stats = jax.devices()[0].memory_stats() or {}
     loss = float(m["loss"])
     del state, batches, m
     mm, mm_by_shape = matmul_rate_jax()
-    return dict(step_s=statistics.median(times), compile_s=compile_s, loss=loss,
+    return dict(step_s=statistics.median(per_block), step_s_blocks=per_block, step_s_synced=statistics.median(synced),
+                compile_s=compile_s, loss=loss,
                 peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30, flops_per_token=flops_per_token(cfg, seq),
+                flops_per_token_full_attention=flops_per_token(cfg, seq, causal=False),
                 matmul_flops=mm, matmul_by_shape=mm_by_shape, device=jax.devices()[0].device_kind,
                 jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
-def _torch_train_times(hf: dict, cfg, seq, batch, variant, steps):
-    """(seconds per step, last loss, peak GiB) of transformers' training step; its memory is freed on return."""
+def _torch_train_times(hf: dict, cfg, seq, batch, variant, steps, blocks):
+    """(synced seconds per step, [seconds per step of each back-to-back block], last loss, peak GiB) of
+    transformers' training step; its memory is freed on return."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -301,10 +330,17 @@ def _torch_train_times(hf: dict, cfg, seq, batch, variant, steps):
         loss = one(batches[i % 3])
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return times, float(loss), torch.cuda.max_memory_allocated() / 2**30
+    per_block = []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            loss = one(batches[i % 3])
+        torch.cuda.synchronize()
+        per_block.append((time.perf_counter() - t0) / steps)
+    return times, per_block, float(loss), torch.cuda.max_memory_allocated() / 2**30
 
 
-def worker_torch(preset, seq, batch, variant, steps):
+def worker_torch(preset, seq, batch, variant, steps, blocks):
     import gc
 
     import torch
@@ -315,20 +351,23 @@ def worker_torch(preset, seq, batch, variant, steps):
 
     hf = get_preset(preset)
     cfg = config_from_dict(hf)
-    times, loss, peak_gib = _torch_train_times(hf, cfg, seq, batch, variant, steps)
+    synced, per_block, loss, peak_gib = _torch_train_times(hf, cfg, seq, batch, variant, steps, blocks)
     gc.collect()
     torch.cuda.empty_cache()
     mm, mm_by_shape = matmul_rate_torch()
-    return dict(step_s=statistics.median(times), loss=loss, peak_gib=peak_gib,
-                flops_per_token=flops_per_token(cfg, seq), matmul_flops=mm, matmul_by_shape=mm_by_shape,
+    return dict(step_s=statistics.median(per_block), step_s_blocks=per_block, step_s_synced=statistics.median(synced),
+                loss=loss, peak_gib=peak_gib,
+                flops_per_token=flops_per_token(cfg, seq),
+                flops_per_token_full_attention=flops_per_token(cfg, seq, causal=False), matmul_flops=mm,
+                matmul_by_shape=mm_by_shape,
                 device=torch.cuda.get_device_name(), torch=torch.__version__)
 
 
 # ------------------------------------------------------------------ driver
-def run_worker(framework, shape, variant, steps, timeout, xla_flags=None):
+def run_worker(framework, shape, variant, steps, timeout, xla_flags=None, blocks=3):
     """One worker subprocess; `xla_flags` (jax only) becomes its XLA_FLAGS."""
     cmd = [sys.executable, __file__, "--worker", framework, "--shape", shape, "--variant", variant,
-           "--steps", str(steps)]
+           "--steps", str(steps), "--blocks", str(blocks)]
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92", TOKENIZERS_PARALLELISM="false")
     if xla_flags is not None:
         env["XLA_FLAGS"] = xla_flags
@@ -344,7 +383,8 @@ def main():
     p.add_argument("--xla_flags_variants", default="",
                    help="'name=FLAGS;name2=FLAGS' or a JSON object: XLA_FLAGS sets a variant's 5th field can name "
                         f"(built in: {json.dumps(BUILTIN_XLA_FLAGS)})")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed block (and synced steps)")
+    p.add_argument("--blocks", type=int, default=3, help="timed blocks of back-to-back steps")
     p.add_argument("--timeout", type=int, default=400)
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--worker", choices=["jax", "torch"])
@@ -355,7 +395,7 @@ def main():
     if args.worker:
         preset, seq, batch = parse_shape(args.shape)
         fn = worker_jax if args.worker == "jax" else worker_torch
-        print("RESULT " + json.dumps(fn(preset, seq, batch, args.variant, args.steps)), flush=True)
+        print("RESULT " + json.dumps(fn(preset, seq, batch, args.variant, args.steps, args.blocks)), flush=True)
         return
 
     # validate everything before the first (expensive) subprocess
@@ -378,15 +418,16 @@ def main():
         tokens = seq * batch
         theirs = None
         if not args.skip_torch:
-            theirs = run_worker("torch", shape, "plain", args.steps, args.timeout)
+            theirs = run_worker("torch", shape, "plain", args.steps, args.timeout, blocks=args.blocks)
             if theirs.get("error") == "out of memory":
-                theirs = run_worker("torch", shape, "ckpt", args.steps, args.timeout)
+                theirs = run_worker("torch", shape, "ckpt", args.steps, args.timeout, blocks=args.blocks)
                 theirs["variant"] = "grad ckpt"
             rows.append({"framework": "pytorch", "shape": shape, "variant": theirs.pop("variant", "plain"), **theirs})
             print(json.dumps(rows[-1]), flush=True)
         best = None
         for variant in variants:
-            ours = run_worker("jax", shape, variant, args.steps, args.timeout, xla_flags=flags[variant])
+            ours = run_worker("jax", shape, variant, args.steps, args.timeout, xla_flags=flags[variant],
+                              blocks=args.blocks)
             rows.append({"framework": "qwen_jax", "shape": shape, "variant": variant, **ours})
             rows[-1].setdefault("xla_flags", flags[variant])
             print(json.dumps(rows[-1]), flush=True)
@@ -396,9 +437,11 @@ def main():
             if r["shape"] == shape and "error" not in r:
                 r["tokens_per_s"] = tokens / r["step_s"]
                 r["mfu_989"] = r["flops_per_token"] * r["tokens_per_s"] / PEAK
+                r["mfu_989_full_attention"] = r["flops_per_token_full_attention"] * r["tokens_per_s"] / PEAK
                 r["mfu_matmul"] = r["flops_per_token"] * r["tokens_per_s"] / r["matmul_flops"]
                 if theirs and "error" not in theirs and r["framework"] == "qwen_jax":
                     r["ratio"] = theirs["step_s"] / r["step_s"]
+                    r["ratio_synced"] = theirs["step_s_synced"] / r["step_s_synced"]
     shapes_text = ", ".join(f"{m}x{k}x{k}" for m, k in MATMUL_SHAPES)
     result = {"date": datetime.date.today().isoformat(), "rows": rows,
               "convention": "FLOPs/token = 6*N_matmul + 3*causal attention fwd (2*2*L*H*D*T/2); MFU vs 989e12 "
@@ -412,15 +455,18 @@ def main():
     device = next((r.get("device") for r in rows if r.get("device")), "?")
     mm = ", ".join(f"{r['framework']} {r['matmul_flops'] / 1e12:.3g}" for r in rows if "matmul_flops" in r)
     print(f"\n{datetime.date.today()}  {device}  (bf16 matmul TFLOP/s per row: {mm})")
-    print(f"{'shape':<15}{'framework':<10}{'variant':<28}{'tok/s':>9}{'step ms':>9}{'peak GiB':>9}"
-          f"{'MFU989':>8}{'MFUmm':>7}{'ours/pt':>8}")
+    print("MFU989: causal attention FLOPs, vs 989 TFLOP/s; MFUfull: attention counted unmasked (PaLM), vs 989; "
+          "MFUmm: causal, vs the matmul rate")
+    print(f"{'shape':<15}{'framework':<10}{'variant':<28}{'tok/s':>9}{'step ms':>9}{'synced':>8}{'peak GiB':>9}"
+          f"{'MFU989':>8}{'MFUfull':>8}{'MFUmm':>7}{'ours/pt':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['shape']:<15}{r['framework']:<10}{r['variant']:<28}  {r['error'][:60]}")
             continue
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
         print(f"{r['shape']:<15}{r['framework']:<10}{r['variant']:<28}{r['tokens_per_s']:>9.0f}"
-              f"{r['step_s'] * 1e3:>9.1f}{r['peak_gib']:>9.1f}{100 * r['mfu_989']:>7.1f}%"
+              f"{r['step_s'] * 1e3:>9.1f}{r.get('step_s_synced', float('nan')) * 1e3:>8.1f}{r['peak_gib']:>9.1f}"
+              f"{100 * r['mfu_989']:>7.1f}%{100 * r['mfu_989_full_attention']:>7.1f}%"
               f"{100 * r['mfu_matmul']:>6.1f}%{ratio:>8}")
 
 

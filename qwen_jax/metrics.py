@@ -15,6 +15,11 @@ batch, padding included):
   with T = seq_len, the packed row length.
 * MFU = flops_per_token * tokens_per_sec / (peak_flops_per_device * devices).  Rematerialised
   recomputation is not counted (it is "model" FLOPs utilisation).
+
+`flops_per_token(cfg, T, causal=False)` is the other convention in use (PaLM's appendix B, and the
+reference figures of this project's GPU-speed issue): attention counted as if unmasked,
+12 * L * H * D * T per token.  It gives higher MFU for the same step; the trainer logs the causal
+one, and the benchmarks print both, labelled.
 """
 
 from __future__ import annotations
@@ -45,9 +50,9 @@ def matmul_params(cfg: QwenConfig) -> int:
     return num_params(cfg, include_embedding=False) + cfg.vocab_size * cfg.hidden_size
 
 
-def flops_per_token(cfg: QwenConfig, seq_len: int) -> float:
-    """Training (forward + backward) model FLOPs per token; see the module docstring."""
-    return 6.0 * matmul_params(cfg) + 3.0 * attention_flops_per_token(cfg, seq_len, causal=True)
+def flops_per_token(cfg: QwenConfig, seq_len: int, causal: bool = True) -> float:
+    """Training (forward + backward) model FLOPs per token; see the module docstring (`causal=False`: PaLM's)."""
+    return 6.0 * matmul_params(cfg) + 3.0 * attention_flops_per_token(cfg, seq_len, causal=causal)
 
 
 def peak_flops_per_device(override: float = 0.0, device=None) -> float | None:

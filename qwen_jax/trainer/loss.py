@@ -105,11 +105,32 @@ def _w_spec(vocab_major: bool) -> str:
     return "ve" if vocab_major else "ev"
 
 
+def logsumexp_one_pass(x):
+    """log(sum(exp(x))) over the last axis, reading x once (online softmax as one variadic reduce).
+
+    `jax.nn.logsumexp` makes two passes over x (max, then sum of exp(x - max)); on the loss's
+    float32 [b, chunk, vocab] logits each pass is a memory-bound read of the whole chunk.  Here
+    every element carries (running max, sum of exp(x - running max)) and pairs combine as
+    (max, s1 * exp(m1 - max) + s2 * exp(m2 - max)); one of the two factors is always 1, so a
+    combine costs one exp.  Not differentiable (it runs inside the loss's custom VJP).
+    """
+    def combine(a, b):
+        (m1, s1), (m2, s2) = a, b
+        first = m1 >= m2
+        # equal maxima (also both -inf, the init value): factor 1, never exp(-inf - -inf) = nan
+        factor = jnp.exp(jnp.where(m1 == m2, 0.0, -jnp.abs(m1 - m2)))
+        return jnp.where(first, m1, m2), jnp.where(first, s1 + s2 * factor, s2 + s1 * factor)
+
+    neg_inf, zero = jnp.array(-jnp.inf, x.dtype), jnp.array(0.0, x.dtype)
+    m, s = jax.lax.reduce((x, jnp.ones_like(x)), (neg_inf, zero), combine, (x.ndim - 1,))
+    return m + jnp.log(s)
+
+
 def _chunk_loss(h, w, tgt, m, vocab_major):
     """Logits of one chunk (float32), their log-sum-exp, and the chunk's NLL and z sums."""
     logits = jnp.einsum(f"bce,{_w_spec(vocab_major)}->bcv", h, w, preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", "length", "act_vocab"))
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    lse = logsumexp_one_pass(logits)
     target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
     return logits, lse, jnp.sum((lse - target_logit) * m), jnp.sum(jnp.square(lse) * m)
 
