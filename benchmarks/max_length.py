@@ -8,10 +8,10 @@ inputs, and XLA's buffer assignment (`compiled.memory_analysis()`: arguments + o
 temporaries - aliased/donated) says how much device memory it needs; nothing is executed, so
 slow paths (the XLA reference at 128k would take minutes per step) are sized in seconds.  A
 length "fits" when that total is under the device's memory limit (`bytes_limit` of the memory
-pool, or `--limit_gib`: XLA's buffer assignment does not depend on the card's size, so one
-GPU of the same architecture sizes another's).  `--run IMPL` then executes two steps of IMPL at
-its longest fitting length to confirm the estimate against the measured `peak_bytes_in_use`.
-Each length runs in its own subprocess.
+pool, or `--limit_gib`: to size a smaller card of the same architecture from a larger one; XLA's
+scheduler bounds live memory by a fraction of the card, so the larger card's figure is an upper
+bound).  `--run IMPL` then executes two steps of IMPL at its longest fitting length to confirm
+the estimate against the measured `peak_bytes_in_use`.  Each length runs in its own subprocess.
 Table on stdout, JSON in benchmarks/results/max_length.json (and $OUT).
 """
 

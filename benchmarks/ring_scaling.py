@@ -226,12 +226,16 @@ def mesh_rows(args, result):
     """Train rows on each --meshes mesh at each --seqs length, each against the 2-GPU ring at the same tokens/GPU."""
     shapes = [(text, parse_mesh(text)) for text in filter(None, (x.strip() for x in args.meshes.split(";")))]
     common = ["--variant", args.variant, "--steps", str(args.steps), "--preset", args.preset, "--single", args.single]
+    seqs = [int(s) for s in args.seqs.split(",") if s]
+    for seq in seqs:  # checked before the first (expensive) row runs
+        for text, shape in shapes:
+            if seq % (2 * shape.get("seq", 1)):
+                raise SystemExit(f"--seqs {seq}: not divisible by 2 x the seq axis ({2 * shape.get('seq', 1)}) "
+                                 f"of mesh {text!r}")
     refs = {}
-    for seq in [int(s) for s in args.seqs.split(",") if s]:
+    for seq in seqs:
         for text, shape in shapes:
             n, ring = mesh_devices(shape), shape.get("seq", 1)
-            if seq % (2 * ring):
-                raise SystemExit(f"--seqs {seq}: not divisible by 2 x seq axis ({2 * ring}) of mesh {text!r}")
             ref_seq = 2 * seq // ring
             if ref_seq not in refs:
                 refs[ref_seq] = run_worker(["train", "--seq", str(ref_seq), "--mesh", "seq=2", *common], 2,
@@ -327,8 +331,9 @@ def main():
         return
     device = next((r.get("device") for r in result["attention"] + result["train"] if r.get("device")), "?")
     print(f"\n{datetime.date.today()}  {device}  (train variant {args.variant})")
+    ratio_name = "Tref/T" if args.meshes else "T1/T2"  # mesh rows: the 2-GPU reference's step time over the row's
     print(f"{'what':<11}{'impl':<24}{'seq':>8}{'step ms':>10}{'tok/s':>9}{'peak GiB':>9}{'TFLOP/s/GPU':>12}"
-          f"{'eff':>7}{'T1/T2':>7}")
+          f"{'eff':>7}{ratio_name:>7}")
     for what in ("attention", "train"):
         for r in result[what]:
             if "error" in r:

@@ -19,7 +19,7 @@ batch, padding included):
 `flops_per_token(cfg, T, causal=False)` is the other convention in use (PaLM's appendix B, and the
 reference figures of this project's GPU-speed issue): attention counted as if unmasked,
 12 * L * H * D * T per token.  It gives higher MFU for the same step; the trainer logs the causal
-one, and the benchmarks print both, labelled.
+one, and `benchmarks/train_throughput.py` prints both, labelled.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ kinds (full vs sliding window) run as separate consecutive scans.
 
 from __future__ import annotations
 
-import functools
 import itertools
 
 import jax
@@ -37,24 +36,27 @@ REMAT_POLICIES = {
 }
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def unstack_layers(stacked, n: int) -> list:
-    """The `n` per-layer trees of a stacked tree (`[n, ...]` leaves): `out[i]` holds `leaf[i]`.
+@jax.custom_vjp
+def unstack_layers(stacked) -> list:
+    """The per-layer trees of a stacked tree (leaves `[num_layers, ...]`): `out[i]` holds `leaf[i]`.
 
-    Why a custom VJP: autodiff of `n` slices `a[i]` gives each layer's cotangent zero-padded to
-    the whole stack and sums the `n` padded arrays, so every gradient element of a stacked
-    parameter is assembled from `n` operands in one memory-bound pass.  The backward here is one
-    `jnp.stack` (a concatenate) of the per-layer cotangents, which XLA fuses into the consumers
-    (gradient norm, optimizer update).  Same values, exactly.
+    Why a custom VJP: autodiff of `num_layers` slices `a[i]` gives each layer's cotangent
+    zero-padded to the whole stack and sums the padded arrays, so every gradient element of a
+    stacked parameter is assembled from `num_layers` operands in one memory-bound pass.  The
+    backward here is one `jnp.stack` (a concatenate) of the per-layer cotangents, which XLA
+    fuses into the consumers (gradient norm, optimizer update).  Same values, exactly.
     """
-    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
+    sizes = {a.shape[0] for a in jax.tree.leaves(stacked)}
+    if len(sizes) != 1:
+        raise ValueError(f"unstack_layers: leaves disagree on the leading (layer) axis: sizes {sorted(sizes)}")
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(sizes.pop())]
 
 
-def _unstack_fwd(stacked, n):
-    return unstack_layers(stacked, n), None
+def _unstack_fwd(stacked):
+    return unstack_layers(stacked), None
 
 
-def _unstack_bwd(n, _, cotangents):
+def _unstack_bwd(_, cotangents):
     return (jax.tree.map(lambda *layers: jnp.stack(layers), *cotangents),)
 
 
@@ -134,11 +136,16 @@ class Qwen(nnx.Module):
         x = self.embed_tokens(input_ids)
         rope = self._rope(positions, x.dtype)
         graphdef, state = nnx.split(self.layers)
+        # unrolled: per-layer trees, unstacked once for all groups (see unstack_layers); scanned: stacked slices
+        layers = None if cfg.scan_layers else unstack_layers(state)
         start = 0
         for window, group in itertools.groupby(range(cfg.num_hidden_layers), key=cfg.layer_window):
             n = len(list(group))
-            run = jax.tree.map(lambda a, s=start, n=n: a[s:s + n], state)
-            x = self._run_layers(graphdef, run, n, x, rope=rope, positions=positions, segment_ids=segment_ids,
+            if layers is None:
+                run = jax.tree.map(lambda a, s=start, n=n: a[s:s + n], state)
+            else:
+                run = layers[start:start + n]
+            x = self._run_layers(graphdef, run, x, rope=rope, positions=positions, segment_ids=segment_ids,
                                  sliding_window=window)
             start += n
         return self.norm(x)
@@ -172,7 +179,8 @@ class Qwen(nnx.Module):
                               int(dca.get("original_max_position_embeddings") or 0))
         return rope_lib.rope_tables(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, positions, dtype)
 
-    def _run_layers(self, graphdef, state, n, x, *, sliding_window, **kw):
+    def _run_layers(self, graphdef, layers, x, *, sliding_window, **kw):
+        """Layers of one attention kind: `layers` is a stacked state (scan) or a list of per-layer states."""
         impl = self.cfg.attention
 
         def one_layer(x, layer_state):
@@ -182,8 +190,8 @@ class Qwen(nnx.Module):
         if self.cfg.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
         if self.cfg.scan_layers:
-            x, _ = jax.lax.scan(lambda c, s: (one_layer(c, s), None), x, state)
+            x, _ = jax.lax.scan(lambda c, s: (one_layer(c, s), None), x, layers)
             return x
-        for layer_state in unstack_layers(state, n):
+        for layer_state in layers:
             x = one_layer(x, layer_state)
         return x

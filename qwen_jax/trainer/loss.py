@@ -112,7 +112,8 @@ def logsumexp_one_pass(x):
     float32 [b, chunk, vocab] logits each pass is a memory-bound read of the whole chunk.  Here
     every element carries (running max, sum of exp(x - running max)) and pairs combine as
     (max, s1 * exp(m1 - max) + s2 * exp(m2 - max)); one of the two factors is always 1, so a
-    combine costs one exp.  Not differentiable (it runs inside the loss's custom VJP).
+    combine costs one exp.  Computed in float32 whatever x's dtype (a bf16 running sum over
+    151,936 words would stop growing).  Not differentiable (it runs inside the loss's custom VJP).
     """
     def combine(a, b):
         (m1, s1), (m2, s2) = a, b
@@ -121,7 +122,8 @@ def logsumexp_one_pass(x):
         factor = jnp.exp(jnp.where(m1 == m2, 0.0, -jnp.abs(m1 - m2)))
         return jnp.where(first, m1, m2), jnp.where(first, s1 + s2 * factor, s2 + s1 * factor)
 
-    neg_inf, zero = jnp.array(-jnp.inf, x.dtype), jnp.array(0.0, x.dtype)
+    x = x.astype(jnp.float32)
+    neg_inf, zero = jnp.array(-jnp.inf, jnp.float32), jnp.array(0.0, jnp.float32)
     m, s = jax.lax.reduce((x, jnp.ones_like(x)), (neg_inf, zero), combine, (x.ndim - 1,))
     return m + jnp.log(s)
 
