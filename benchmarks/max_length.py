@@ -110,6 +110,8 @@ def main():
     p.add_argument("--seq", type=int)
     p.add_argument("--out", default=os.environ.get("OUT", ""))
     args = p.parse_args()
+    if args.limit_gib < 0:
+        p.error(f"--limit_gib must be >= 0 (0: this device's pool), got {args.limit_gib}")
     if args.worker:
         print("RESULT " + json.dumps(worker(args.impl, args.seq, args.variant, args.preset, args.execute)), flush=True)
         return

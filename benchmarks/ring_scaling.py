@@ -169,10 +169,12 @@ def parse_mesh(text: str) -> dict:
 
     shape = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
-        name, sep, size = item.partition("=")
-        if not sep or name.strip() not in MESH_AXES or not size.strip().isdigit() or int(size) < 1:
+        name, sep, size = (x.strip() for x in item.partition("="))
+        if not sep or name not in MESH_AXES or not size.isdigit() or int(size) < 1:
             raise ValueError(f"mesh {text!r}: expected axis=size items with axes {MESH_AXES}, got {item!r}")
-        shape[name.strip()] = int(size)
+        if name in shape:
+            raise ValueError(f"mesh {text!r}: axis {name!r} given twice")
+        shape[name] = int(size)
     if not shape:
         raise ValueError(f"mesh {text!r} is empty")
     return shape
@@ -222,16 +224,29 @@ def _efficiency(big, small, n_big=2, n_small=1):
     return per_gpu_big / per_gpu_small, small["step_s"] / big["step_s"]
 
 
-def mesh_rows(args, result):
-    """Train rows on each --meshes mesh at each --seqs length, each against the 2-GPU ring at the same tokens/GPU."""
-    shapes = [(text, parse_mesh(text)) for text in filter(None, (x.strip() for x in args.meshes.split(";")))]
-    common = ["--variant", args.variant, "--steps", str(args.steps), "--preset", args.preset, "--single", args.single]
-    seqs = [int(s) for s in args.seqs.split(",") if s]
-    for seq in seqs:  # checked before the first (expensive) row runs
+def parse_mesh_rows(meshes: str, seqs: str):
+    """(`[(text, shape)]`, `[seq]`) of --meshes / --seqs, checked before any (expensive) row runs: ValueError otherwise.
+
+    Each length must split into the 2 * seq zig-zag chunks of every mesh's ring.
+    """
+    shapes = [(text, parse_mesh(text)) for text in filter(None, (x.strip() for x in meshes.split(";")))]
+    try:
+        lengths = [int(x) for x in seqs.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seqs {seqs!r}: expected comma-separated integers") from None
+    if not shapes or not lengths:
+        raise ValueError(f"--meshes {meshes!r} / --seqs {seqs!r}: need at least one mesh and one length")
+    for seq in lengths:
         for text, shape in shapes:
-            if seq % (2 * shape.get("seq", 1)):
-                raise SystemExit(f"--seqs {seq}: not divisible by 2 x the seq axis ({2 * shape.get('seq', 1)}) "
-                                 f"of mesh {text!r}")
+            if seq < 1 or seq % (2 * shape.get("seq", 1)):
+                raise ValueError(f"--seqs {seq}: not a positive multiple of 2 x the seq axis "
+                                 f"({2 * shape.get('seq', 1)}) of mesh {text!r}")
+    return shapes, lengths
+
+
+def mesh_rows(args, shapes, seqs, result):
+    """Train rows on each mesh at each length, each against the 2-GPU ring at the same tokens per GPU."""
+    common = ["--variant", args.variant, "--steps", str(args.steps), "--preset", args.preset, "--single", args.single]
     refs = {}
     for seq in seqs:
         for text, shape in shapes:
@@ -285,11 +300,10 @@ def main():
     result = {"date": datetime.date.today().isoformat(), "attention": [], "train": []}
     if args.meshes:
         try:
-            for text in filter(None, (x.strip() for x in args.meshes.split(";"))):
-                parse_mesh(text)
+            shapes, seqs = parse_mesh_rows(args.meshes, args.seqs)
         except ValueError as e:
             p.error(str(e))
-        mesh_rows(args, result)
+        mesh_rows(args, shapes, seqs, result)
     elif args.check:
         res = run_worker(["check", "--seq", str(args.check_seq)], 2, args.timeout)  # ring rows need 2 GPUs
         result["check"] = res

@@ -274,8 +274,6 @@ def matmul_rate_torch(shapes=MATMUL_SHAPES, chain=MATMUL_CHAIN, reps=MATMUL_REPS
 def worker_jax(preset, seq, batch, variant, steps, blocks):
     import jax
 
-    from qwen_jax.metrics import flops_per_token
-
     step, state, batches, cfg = build_jax_step(preset, seq, batch, variant)
     t0 = time.perf_counter()
     state, m, _ = run_steps(step, state, batches, 1)
@@ -288,9 +286,7 @@ def worker_jax(preset, seq, batch, variant, steps, blocks):
     del state, batches, m
     mm, mm_by_shape = matmul_rate_jax()
     return dict(step_s=statistics.median(per_block), step_s_blocks=per_block, step_s_synced=statistics.median(synced),
-                compile_s=compile_s, loss=loss,
-                peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30, flops_per_token=flops_per_token(cfg, seq),
-                flops_per_token_full_attention=flops_per_token(cfg, seq, causal=False),
+                compile_s=compile_s, loss=loss, peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
                 matmul_flops=mm, matmul_by_shape=mm_by_shape, device=jax.devices()[0].device_kind,
                 jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
 
@@ -347,7 +343,6 @@ def worker_torch(preset, seq, batch, variant, steps, blocks):
 
     from configs.model_presets import get_preset
     from qwen_jax.config import config_from_dict
-    from qwen_jax.metrics import flops_per_token
 
     hf = get_preset(preset)
     cfg = config_from_dict(hf)
@@ -356,10 +351,7 @@ def worker_torch(preset, seq, batch, variant, steps, blocks):
     torch.cuda.empty_cache()
     mm, mm_by_shape = matmul_rate_torch()
     return dict(step_s=statistics.median(per_block), step_s_blocks=per_block, step_s_synced=statistics.median(synced),
-                loss=loss, peak_gib=peak_gib,
-                flops_per_token=flops_per_token(cfg, seq),
-                flops_per_token_full_attention=flops_per_token(cfg, seq, causal=False), matmul_flops=mm,
-                matmul_by_shape=mm_by_shape,
+                loss=loss, peak_gib=peak_gib, matmul_flops=mm, matmul_by_shape=mm_by_shape,
                 device=torch.cuda.get_device_name(), torch=torch.__version__)
 
 
@@ -392,6 +384,9 @@ def main():
     p.add_argument("--variant", default="")
     p.add_argument("--out", default=os.environ.get("OUT", ""))
     args = p.parse_args()
+    for flag in ("steps", "blocks"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.worker:
         preset, seq, batch = parse_shape(args.shape)
         fn = worker_jax if args.worker == "jax" else worker_torch
@@ -400,6 +395,9 @@ def main():
 
     # validate everything before the first (expensive) subprocess
     from configs.model_presets import PRESETS as MODEL_PRESETS
+    from configs.model_presets import get_preset
+    from qwen_jax.config import config_from_dict
+    from qwen_jax.metrics import flops_per_token
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     try:
@@ -416,6 +414,9 @@ def main():
     for shape in shapes:
         preset, seq, batch = parse_shape(shape)
         tokens = seq * batch
+        cfg = config_from_dict(get_preset(preset))  # model FLOPs: the same count for both frameworks
+        flops = {"flops_per_token": flops_per_token(cfg, seq),
+                 "flops_per_token_full_attention": flops_per_token(cfg, seq, causal=False)}
         theirs = None
         if not args.skip_torch:
             theirs = run_worker("torch", shape, "plain", args.steps, args.timeout, blocks=args.blocks)
@@ -435,6 +436,7 @@ def main():
                 best = ours
         for r in rows:
             if r["shape"] == shape and "error" not in r:
+                r.update(flops)
                 r["tokens_per_s"] = tokens / r["step_s"]
                 r["mfu_989"] = r["flops_per_token"] * r["tokens_per_s"] / PEAK
                 r["mfu_989_full_attention"] = r["flops_per_token_full_attention"] * r["tokens_per_s"] / PEAK
@@ -444,7 +446,8 @@ def main():
                     r["ratio_synced"] = theirs["step_s_synced"] / r["step_s_synced"]
     shapes_text = ", ".join(f"{m}x{k}x{k}" for m, k in MATMUL_SHAPES)
     result = {"date": datetime.date.today().isoformat(), "rows": rows,
-              "convention": "FLOPs/token = 6*N_matmul + 3*causal attention fwd (2*2*L*H*D*T/2); MFU vs 989e12 "
+              "convention": "FLOPs/token = 6*N_matmul + 3*causal attention fwd (2*2*L*H*D*T/2); "
+                            "flops_per_token_full_attention: attention unmasked (12*L*H*D*T, PaLM); MFU vs 989e12 "
                             f"and vs the best bf16 matmul rate measured in the same run ({MATMUL_CHAIN} chained "
                             f"matmuls per call, median of {MATMUL_REPS} calls, best of {shapes_text}; "
                             f"{MATMUL_SHAPES_CPU[0][0]}x{MATMUL_SHAPES_CPU[0][1]}x{MATMUL_SHAPES_CPU[0][1]} on CPU)"}

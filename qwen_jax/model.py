@@ -44,7 +44,9 @@ def unstack_layers(stacked) -> list:
     zero-padded to the whole stack and sums the padded arrays, so every gradient element of a
     stacked parameter is assembled from `num_layers` operands in one memory-bound pass.  The
     backward here is one `jnp.stack` (a concatenate) of the per-layer cotangents, which XLA
-    fuses into the consumers (gradient norm, optimizer update).  Same values, exactly.
+    fuses into the consumers (gradient norm, optimizer update).  Same values, exactly.  Being a
+    custom VJP, it has no forward-mode rule: `jax.jvp` / `jax.jacfwd` of an unrolled model fail
+    (use `scan_layers=True` for forward-mode differentiation).
     """
     sizes = {a.shape[0] for a in jax.tree.leaves(stacked)}
     if len(sizes) != 1:

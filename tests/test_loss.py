@@ -34,8 +34,8 @@ def unfused(h, w, tgt, mask, z_weight):
     return nll + z_weight * z, nll, z
 
 
-def fused(h, w, tgt, mask, chunk, z_weight):
-    return fused_cross_entropy(h, w, tgt, mask, chunk_size=chunk, z_weight=z_weight)
+def fused(h, w, tgt, mask, chunk, z_weight, vocab_major=False):
+    return fused_cross_entropy(h, w, tgt, mask, chunk_size=chunk, z_weight=z_weight, vocab_major=vocab_major)
 
 
 def assert_close(a, b, rtol):
@@ -121,7 +121,7 @@ def test_vocab_major_projection_equals_transposed():
     emb = w.T
 
     def vm(h, e):
-        return fused_cross_entropy(h, e, tgt, mask, chunk_size=16, z_weight=1e-4, vocab_major=True)[0]
+        return fused(h, e, tgt, mask, 16, 1e-4, vocab_major=True)[0]
 
     got = jax.value_and_grad(vm, (0, 1))(h, emb)
     want = jax.value_and_grad(lambda h, e: unfused(h, e.T, tgt, mask, 1e-4)[0], (0, 1))(h, emb)
@@ -132,6 +132,14 @@ def test_vocab_major_projection_equals_transposed():
     jaxpr = str(jax.make_jaxpr(jax.grad(vm, 1))(h, emb))
     assert f"[{E},{V}]" not in jaxpr  # no [embed, vocab] array anywhere: no transpose of W or of its gradient
     assert f"[{E},{V}]" in str(jax.make_jaxpr(jax.grad(lambda h, e: fused(h, e.T, tgt, mask, 16, 1e-4)[0], 1))(h, emb))
+
+
+def test_projection_of_the_wrong_layout_is_an_error():
+    h, w, tgt, mask = inputs()
+    with pytest.raises(ValueError, match=r"w_out \(16, 50\) is not \[vocab, embed\].*vocab_major=True"):
+        fused(h, w, tgt, mask, 16, 0.0, vocab_major=True)
+    with pytest.raises(ValueError, match=r"is not \[embed, vocab\]"):
+        fused(h, w.T, tgt, mask, 16, 0.0)
 
 
 def test_bf16_hidden_with_f32_weights():
@@ -183,8 +191,7 @@ def test_sharded_grads_match_unsharded(vocab_major):
     w = w.T if vocab_major else w
 
     def value_and_grads(h, w):
-        return jax.value_and_grad(lambda h, w: fused_cross_entropy(
-            h, w, tgt, mask, chunk_size=16, z_weight=1e-4, vocab_major=vocab_major)[0], (0, 1))(h, w)
+        return jax.value_and_grad(lambda h, w: fused(h, w, tgt, mask, 16, 1e-4, vocab_major)[0], (0, 1))(h, w)
 
     ref = value_and_grads(h, w)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2, "seq": 2})

@@ -55,6 +55,11 @@ def fused_cross_entropy(hidden, w_out, targets, loss_mask, *, chunk_size: int = 
     `targets` are integers (no cotangent) and `loss_mask` is treated as a constant (its
     cotangent is zero).  `chunk_size` and `z_weight` are static Python numbers.
     """
+    embed_axis = 1 if vocab_major else 0
+    if w_out.ndim != 2 or w_out.shape[embed_axis] != hidden.shape[-1]:
+        want = "[vocab, embed]" if vocab_major else "[embed, vocab]"
+        raise ValueError(f"fused_cross_entropy: w_out {tuple(w_out.shape)} is not {want} for hidden "
+                         f"{tuple(hidden.shape)} (vocab_major={bool(vocab_major)})")
     objective, nll, z = _fused_ce(hidden, w_out, targets, loss_mask, int(chunk_size), float(z_weight),
                                   bool(vocab_major))
     return objective, jax.lax.stop_gradient(nll), jax.lax.stop_gradient(z)
