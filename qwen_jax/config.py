@@ -7,7 +7,7 @@ jitted functions).  We read both spellings transformers has used for RoPE:
 * v4: top-level `rope_theta` + `rope_scaling` (kind under `rope_type` or legacy `type`);
 * v5: `rope_parameters` (one dict holding `rope_type`, `rope_theta`, ...).
 
-and normalise to the v5 shape with the v5 precedence rules (spec §2.2).  Sliding-window
+and normalise to the v5 shape with the v5 precedence rules (docs/long_context.md §RoPE-config).  Sliding-window
 layers are resolved exactly as transformers does (`use_sliding_window`,
 `max_window_layers`, v5 `layer_types`).
 """

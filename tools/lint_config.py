@@ -4,7 +4,8 @@
 Reads ``config.json``, ``generation_config.json`` and ``tokenizer_config.json`` (plus the chat template and the
 head of ``tokenizer.json`` where present) and reports the mismatches that make a checkpoint misbehave at run time:
 RoPE / YaRN / DCA / sliding-window settings, the effective stop-token set, special-token ids and the vocabulary
-size.  The rules follow how transformers (v4 and v5) and vLLM read these files.
+size.  The rules follow how transformers (v4 and v5) and vLLM read these files; the RoPE / YaRN / DCA math is in
+docs/long_context.md (§RoPE-config, §YaRN, §DCA).
 
 Standard library only, and runnable as a plain file (``tools/lint_config.py``), as a module
 (``python -m tools.lint_config``) or as the ``qwen-lint`` console script, so the pre-commit hook stays fast.
