@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -252,32 +253,42 @@ def test_qwen3_fixture_is_the_shipped_template(bundled_tok):
     assert bundled_tok.chat_template == real_template("qwen3.jinja")
 
 
-def _hf_folder(tmp_path, name, template):
-    """A model folder whose tokenizer carries its own template (as a Hugging Face export does)."""
+TINY_QWEN2 = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 151936, "eos_token_id": 151645}
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """Model folders whose tokenizer carries its own template (as a Hugging Face export does): Qwen2.5's, Qwen3's."""
+    root = tmp_path_factory.mktemp("hf")
     tok = AutoTokenizer.from_pretrained(bundled_tokenizer_dir(), local_files_only=True)
-    tok.chat_template = template
-    folder = tmp_path / name
-    tok.save_pretrained(folder)
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
-    return str(folder)
+    out = {}
+    for name, template in (("model", "qwen2_5_instruct.jinja"), ("other_tok", "qwen3.jinja")):
+        tok.chat_template = real_template(template)
+        folder = root / name
+        tok.save_pretrained(folder)
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
+        (folder / "config.json").write_text(json.dumps(TINY_QWEN2))
+        out[name] = str(folder)
+    return out
 
 
-def test_init_from_folder_tokenizer_and_template(tmp_path):
+def test_init_from_folder_tokenizer_and_template(tmp_path, hf_folders):
     """The model folder's own tokenizer and template are used (what its export ships) unless data.tokenizer or
     data.chat_template say otherwise; the launch line names them."""
     q25 = real_template("qwen2_5_instruct.jinja")
-    folder = _hf_folder(tmp_path, "model", q25)
+    folder = hf_folders["model"]
     p = make_pipeline(cfg_for(default_config().sources, model_dir=folder))
     assert p.chat_setup.tokenizer_dir == folder and p.chat_template == q25
     assert p.chat_setup.describe().startswith(f"tokenizer: {folder} (from data.model_dir); chat template: the "
                                               f"tokenizer's own ({folder}/chat_template.jinja)")
     rec = bundled_records()[0]
-    check_against_transformers(AutoTokenizer.from_pretrained(folder), q25, rec, p.encode(rec))
+    check_against_transformers(load_tokenizer(folder), q25, rec, p.encode(rec))
     assert "You are Qwen, created by Alibaba Cloud." in p.decode(p.encode(rec)["ids"])  # Qwen2.5's default system
     # Overrides win.
     p2 = make_pipeline(cfg_for(default_config().sources, model_dir=folder, chat_template="chatml"))
     assert p2.chat_template == QWEN2_CHATML_TEMPLATE and "data.chat_template='chatml'" in p2.chat_setup.describe()
-    other = _hf_folder(tmp_path, "other_tok", real_template("qwen3.jinja"))
+    other = hf_folders["other_tok"]
     p3 = make_pipeline(cfg_for(default_config().sources, model_dir=folder, tokenizer=other))
     assert p3.chat_setup.tokenizer_dir == other and p3.chat_template == real_template("qwen3.jinja")
     tfile = tmp_path / "mine.jinja"
@@ -288,7 +299,7 @@ def test_init_from_folder_tokenizer_and_template(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        (export / f).write_bytes((tmp_path / "other_tok" / f).read_bytes())
+        shutil.copy(os.path.join(other, f), export / f)
     (export / "chat_template.jinja").unlink(missing_ok=True)
     p2.chat_setup.write_chat_template(str(export))
     assert AutoTokenizer.from_pretrained(str(export)).chat_template == QWEN2_CHATML_TEMPLATE
@@ -433,3 +444,25 @@ def test_packed_batch_trains_exactly_assistant_tokens(chat_pipeline):
             assert p.decode(trained) == "".join(assistant_outputs(rendered))
             checked += 1
     assert checked > 5
+
+
+@pytest.mark.parametrize("chat_template", ["", "chatml"])
+def test_checkpoint_side_files_render_as_training_did(tmp_path, hf_folders, chat_template):
+    """Fine-tuning a Hugging Face folder: the tokenizer next to the checkpoints (what the export ships) renders
+    and tokenizes every conversation exactly as training did, also when data.chat_template overrides the
+    folder's template (the trainer then writes it with ChatSetup.write_chat_template)."""
+    from qwen_jax.checkpoint import write_side_files
+    from qwen_jax.config import config_from_dict
+
+    folder = hf_folders["model"]
+    p = make_pipeline(cfg_for(default_config().sources, model_dir=folder, chat_template=chat_template))
+    ckpt = tmp_path / "ckpt"
+    write_side_files(str(ckpt), config_from_dict(TINY_QWEN2), hf_source=folder,
+                     tokenizer_dir=p.chat_setup.tokenizer_dir)
+    p.chat_setup.write_chat_template(str(ckpt))
+    shipped = AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
+    assert shipped.chat_template == p.chat_template
+    plain = [c for c in CONVERSATIONS if all(isinstance(m.get("content"), str) for m in c["messages"])]
+    for rec in plain + bundled_records()[:20]:
+        want = shipped.apply_chat_template(as_rendered(rec["messages"]), tools=rec.get("tools"), tokenize=True)
+        assert p.encode(rec)["ids"].tolist() == list(want["input_ids"])
