@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from typing import Any
 
@@ -163,13 +162,10 @@ class ChatSetup:
         """Writes the template as ``folder/chat_template.jinja`` (atomically), which transformers prefers over a
         ``tokenizer_config.json`` entry: the folder's tokenizer then renders chats exactly as training did."""
         path = os.path.join(folder, "chat_template.jinja")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".chat_template.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+        tmp = os.path.join(folder, f".chat_template.jinja.{os.getpid()}.tmp")
+        try:  # os.open with mode 0o666 honours the umask (a serving user must be able to read it)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "w", encoding="utf-8") as f:
                 f.write(self.chat_template)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
