@@ -300,6 +300,10 @@ class ParamReader:
     def dtype(self, path) -> np.dtype:
         return np.dtype(self._store(tuple(path)).dtype.numpy_dtype)
 
+    def chunk_shape(self, path) -> tuple[int, ...]:
+        """The stored chunk shape: reading part of a chunk decodes all of it, so reads should align to it."""
+        return tuple(int(d) for d in self._store(tuple(path)).chunk_layout.read_chunk.shape)
+
     def read(self, path, index=()) -> np.ndarray:
         store = self._store(tuple(path))
         return np.asarray(store[index].read().result() if index != () else store.read().result())

@@ -323,15 +323,15 @@ def test_full_disk_leaves_nothing(models, work, monkeypatch):
 
     hf, ox, _ = models["qwen2_untied_fp32_sharded"]
     calls = {"n": 0}
-    real_write = hf_io.SafetensorsWriter.write
+    real_write = hf_io.SafetensorsWriter.write_at
 
-    def failing_write(self, name, block):
+    def failing_write(self, name, block, start=0):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(self, name, block)
+        return real_write(self, name, block, start)
 
-    monkeypatch.setattr(hf_io.SafetensorsWriter, "write", failing_write)
+    monkeypatch.setattr(hf_io.SafetensorsWriter, "write_at", failing_write)
     out = str(work / "full_hf")
     with pytest.raises(convert.ConvertError, match="no space left"):
         convert.orbax_to_hf(ox, out, max_shard_size="20KB")
