@@ -154,29 +154,53 @@ def hf_names(spec: ParamSpec, num_layers: int) -> list[str]:
 
 # ---------------------------------------------------------------- safetensors folder reading
 def weight_files(folder: str) -> dict[str, str]:
-    """Tensor name -> file path for a model folder (single file or sharded index)."""
+    """Tensor name -> file path for a model folder (single file or sharded index).
+
+    Every file must stay inside the folder (`inside_model_folder`): an index naming an absolute
+    path, a "..", or a symlink that leads elsewhere is an error naming the index and the shard.
+    """
     index = os.path.join(folder, SAFETENSORS_INDEX)
     single = os.path.join(folder, SAFETENSORS_SINGLE)
     if os.path.exists(index):
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            shards = set(weight_map.values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        missing_files = sorted({f for f in weight_map.values() if not os.path.exists(os.path.join(folder, f))})
+        for shard in sorted(shards, key=str):
+            parts = str(shard).replace("\\", "/").split("/")
+            if not isinstance(shard, str) or not shard or os.path.isabs(shard) or ".." in parts:
+                raise CheckpointError(f"{index}: shard {shard!r} is not a file name inside the model folder "
+                                      "(absolute paths and '..' are refused)")
+        missing_files = sorted(f for f in shards if not os.path.exists(os.path.join(folder, f)))
         if missing_files:
             raise CheckpointError(f"{index}: lists shard files that do not exist: {missing_files}")
+        for shard in sorted(shards):
+            inside_model_folder(folder, shard, named_by=index)
         return {name: os.path.join(folder, file) for name, file in weight_map.items()}
     if os.path.exists(single):
+        inside_model_folder(folder, SAFETENSORS_SINGLE)
         return {name: single for name in _safetensors_keys(single)}
-    pickled = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
-    if pickled:
-        raise CheckpointError(
-            f"{folder}: only pickled weights ({', '.join(pickled)}); refusing to unpickle (it runs arbitrary code). "
-            "Re-save as safetensors in a trusted environment: "
-            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, safe_serialization=True)"
-        )
-    raise CheckpointError(f"{folder}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} found")
+def inside_model_folder(folder: str, name: str, named_by: str | None = None) -> str:
+    """The real path of `folder/name`, which must lie inside the folder or in its Hugging Face cache blobs.
+
+    A file of a model folder may be a symlink (the Hugging Face cache stores
+    ``snapshots/<rev>/file -> ../../blobs/<hash>``), but one that resolves anywhere else would
+    make a conversion or an export copy whatever it points to: that is an error naming the file
+    and its target (and the index that named it).
+    """
+    path = os.path.join(folder, name)
+    real = os.path.realpath(path)
+    root = os.path.realpath(folder)
+    allowed = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":  # <repo>/snapshots/<rev>: blobs in <repo>/blobs
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    if not any(os.path.commonpath([real, a]) == a for a in allowed):
+        what = f"{named_by}: shard {path}" if named_by else path
+        raise CheckpointError(f"{what} resolves to {real}, outside the model folder and outside a "
+                              "Hugging Face cache blob folder; copy the file into the folder instead of linking it")
+    return real
 
 
 def _safetensors_keys(file: str) -> list[str]:
@@ -267,6 +291,9 @@ class TensorReader:
             raise
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+
+    def nbytes(self, name: str) -> int:
+        return int(np.prod(self.shape(name), dtype=np.int64)) * self.numpy_dtype(name).itemsize
 
     def numpy_dtype(self, name: str) -> np.dtype:
         code = self.dtype(name)

@@ -100,7 +100,15 @@ def _gib(n: int) -> str:
 # ---------------------------------------------------------------- atomic output folder
 @contextlib.contextmanager
 def atomic_output(out_dir: str, overwrite: bool, sources: tuple[str, ...] = ()) -> Iterator[str]:
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on any error it is removed."""
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on any error it is removed.
+
+    With `overwrite`, an existing `out_dir` stays whole until the new folder is complete; the two
+    are then exchanged in one step where the kernel can (`renameat2` RENAME_EXCHANGE on Linux),
+    else by two renames, and the old one is removed.  The folder gets the mode the umask gives
+    a new folder (mkdtemp makes it 0700, which a serving process of another user cannot read).
+    """
+    from qwen_jax.checkpoint_format import honour_umask
+
     out = os.path.abspath(out_dir)
     for src in sources:
         if os.path.realpath(src) == os.path.realpath(out):
@@ -113,17 +121,38 @@ def atomic_output(out_dir: str, overwrite: bool, sources: tuple[str, ...] = ()) 
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     try:
+        honour_umask(tmp)
         yield tmp
         if os.path.lexists(out):
-            old = tmp + ".old"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            _exchange(tmp, out)  # tmp now holds the old folder
         else:
             os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> None:
+    """Swap two paths: atomically with Linux renameat2(RENAME_EXCHANGE), else by two renames."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, rename_exchange = -100, 2
+        if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), b)
+    aside = a + ".old"
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)
 
 
 def _nested_set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -166,6 +195,7 @@ def hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "keep", overwrite: bool 
     if os.path.lexists(out) and not overwrite:
         raise ConvertError(f"{out}: already exists; pass --overwrite to replace it (it was left untouched)")
     cfg = load_hf_config(hf_dir)
+    cf.side_files(hf_dir)  # a symlink that leads outside the folder stops here, before any work
     reader = TensorReader(hf_dir)
     try:
         _, abstract_state = abstract_model(cfg)
@@ -195,7 +225,9 @@ def hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "keep", overwrite: bool 
             bar.update(nbytes, tensor_done=last or blocks_per_param.get(name) is not None)
 
         with atomic_output(out, overwrite, sources=(hf_dir,)) as tmp:
-            _with_disk_errors(lambda: cf.save_params_streaming(tmp, 0, lazy, on_block=on_block), out)
+            largest = max(reader.nbytes(n) for n in reader.files)
+            _with_disk_errors(lambda: cf.save_params_streaming(tmp, 0, lazy, on_block=on_block, budget=2 * largest),
+                              out)
             copied = cf.copy_side_files(hf_dir, tmp)
         bar.close()
         log.info("wrote %s (step 0; side files: %s)", out, ", ".join(copied))
@@ -277,6 +309,7 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, step: int | None = None, dtype: str
     if os.path.lexists(out) and not overwrite:
         raise ConvertError(f"{out}: already exists; pass --overwrite to replace it (it was left untouched)")
     cfg = load_hf_config(ckpt_dir)
+    cf.side_files(ckpt_dir)  # a symlink that leads outside the folder stops here, before any work
     try:
         step = cf.resolve_step(ckpt_dir, step)
     except FileNotFoundError as e:
@@ -513,7 +546,7 @@ def _write_config(src: str, dst: str, dtypes: set[str]) -> None:
     dtype = dtypes.pop() if len(dtypes) == 1 else None
     keys = [k for k in ("dtype", "torch_dtype") if k in raw] or ["dtype"]
     if dtype is None or all(raw.get(k) == dtype for k in keys):
-        shutil.copy2(src, dst)
+        shutil.copyfile(src, dst)  # not copy2: the new file's mode follows the umask, not the source's
         return
     for k in keys:
         raw[k] = dtype
