@@ -3,7 +3,8 @@
     python benchmarks/convert_speed.py --model qwen2-0.5b [--dtype bf16|fp32] [--workdir /tmp/convert_bench]
 
 Each step runs in its own subprocess; wall time is measured inside it around the call alone
-(imports excluded, as for transformers), peak RSS is that child's `os.wait4` rusage:
+(imports excluded, as for transformers); peak RSS is that child's own VmHWM (the config linter,
+a grandchild of orbax-to-hf, is not included):
 
 1. write a random Hugging Face folder of the model's shape with safetensors directly (no model in memory);
 2. `qwen-convert hf-to-orbax` (call `tools.convert.main`);
@@ -12,7 +13,8 @@ Each step runs in its own subprocess; wall time is measured inside it around the
    saves them: one chunk per stacked parameter) and `qwen-convert orbax-to-hf` of it;
 5. transformers `from_pretrained` of the source, and `from_pretrained` + `save_pretrained`.
 
-GB/s = model bytes / seconds (10^9 bytes).  Prints a table and writes
+GB/s = model bytes / seconds (10^9 bytes); CPU s = process CPU time of the timed call (all
+threads), which says more than wall time on a shared machine.  Prints a table and writes
 benchmarks/results/convert_speed_<model>_<dtype>.json.
 """
 
@@ -120,47 +122,59 @@ def make_source(folder: str, config: dict, dtype: str, shard_bytes: int = 5 * 10
     return total
 
 
-# Child programs: each prints one line "RESULT <json>" with the seconds of the timed call.
-QWEN_CONVERT = """
+# Child programs: each prints one line "RESULT <json>": seconds and CPU seconds of the timed call, and the
+# child's own peak RSS (VmHWM; wait4's ru_maxrss would also count the pages of the parent it was forked from).
+PEAK_RSS = """
+def peak_rss_gib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+"""
+QWEN_CONVERT = PEAK_RSS + """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
+import orbax.checkpoint, tensorstore  # imports outside the timed call, as torch for transformers
+from qwen_jax import checkpoint_format, hf_io
 from tools import convert
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 code = convert.main(sys.argv[2:])
-print("RESULT " + json.dumps({"seconds": time.perf_counter() - t, "code": code}), flush=True)
+print("RESULT " + json.dumps({"seconds": time.perf_counter() - t, "cpu_s": time.process_time() - c,
+                             "peak_rss_gib": peak_rss_gib()}), flush=True)
 sys.exit(code)
 """
 
-TRAINER_CHECKPOINT = """
+TRAINER_CHECKPOINT = PEAK_RSS + """
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 import jax, orbax.checkpoint as ocp
 from qwen_jax import checkpoint_format as cf
 params = jax.tree.map(jax.numpy.asarray, cf.restore_params(sys.argv[2]))
 options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 with ocp.CheckpointManager(sys.argv[3], options=options) as mngr:
     mngr.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
     mngr.wait_until_finished()
 for name in os.listdir(sys.argv[2]):
     if not name.isdigit():
         os.link(os.path.join(sys.argv[2], name), os.path.join(sys.argv[3], name))
-print("RESULT " + json.dumps({"seconds": time.perf_counter() - t}), flush=True)
+print("RESULT " + json.dumps({"seconds": time.perf_counter() - t, "cpu_s": time.process_time() - c,
+                             "peak_rss_gib": peak_rss_gib()}), flush=True)
 """
 
-TRANSFORMERS_LOAD = """
+TRANSFORMERS_LOAD = PEAK_RSS + """
 import json, sys, time, torch, transformers
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
-print("RESULT " + json.dumps({"seconds": time.perf_counter() - t}), flush=True)
+print("RESULT " + json.dumps({"seconds": time.perf_counter() - t, "cpu_s": time.process_time() - c,
+                             "peak_rss_gib": peak_rss_gib()}), flush=True)
 """
 
-TRANSFORMERS_SAVE = """
+TRANSFORMERS_SAVE = PEAK_RSS + """
 import json, sys, time, torch, transformers
 m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 m.save_pretrained(sys.argv[3])
-print("RESULT " + json.dumps({"seconds": time.perf_counter() - t}), flush=True)
+print("RESULT " + json.dumps({"seconds": time.perf_counter() - t, "cpu_s": time.process_time() - c,
+                             "peak_rss_gib": peak_rss_gib()}), flush=True)
 """
 
 CHECK_IDENTICAL = """
@@ -177,22 +191,22 @@ print(f"bit-identical: all {len(a.files)} tensors", flush=True)
 
 
 def measure(label: str, program: str, args: list[str], nbytes: int | None) -> dict:
-    """Run a child program; its timed seconds, GB/s over `nbytes`, and its peak RSS (os.wait4)."""
+    """Run a child program; its timed seconds, GB/s over `nbytes`, and its own peak RSS."""
     cmd = [sys.executable, "-c", program, *args]
     print(f"[{label}] {' '.join(args)}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
     out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    code = proc.wait()
     wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"{label} failed with exit status {code}:\n{out[-4000:]}")
     timed = json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])
-    row = {"step": label, "seconds": round(timed["seconds"], 2), "process_wall_s": round(wall, 1),
+    row = {"step": label, "seconds": round(timed["seconds"], 2), "cpu_s": round(timed["cpu_s"], 2),
+           "process_wall_s": round(wall, 1),
            "gb_per_s": round(nbytes / 1e9 / timed["seconds"], 3) if nbytes else None,
-           "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+           "peak_rss_gib": round(timed["peak_rss_gib"], 2)}
     print(f"[{label}] {row}", flush=True)
     return row
 
@@ -245,6 +259,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+        "load_average_1min_at_end": round(os.getloadavg()[0], 1),
         "rows": rows,
     }
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
@@ -254,10 +269,11 @@ def main() -> None:
         f.write("\n")
     print(f"\n{result['model']}: {total / 1e9:.2f} GB, largest tensor {largest / 2**30:.2f} GiB "
           f"(RSS bound 2x + 1 GiB = {2 * largest / 2**30 + 1:.2f} GiB)")
-    print(f"{'step':48s} {'s':>7s} {'GB/s':>7s} {'peak RSS GiB':>13s}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'step':48s} {'s':>7s} {'CPU s':>7s} {'GB/s':>7s} {'peak RSS GiB':>13s}")
     for r in rows:
         gbs = "-" if r["gb_per_s"] is None else f"{r['gb_per_s']:.2f}"
-        print(f"{r['step']:48s} {r['seconds']:7.2f} {gbs:>7s} {r['peak_rss_gib']:13.2f}")
+        print(f"{r['step']:48s} {r['seconds']:7.2f} {r['cpu_s']:7.2f} {gbs:>7s} {r['peak_rss_gib']:13.2f}")
     print(f"wrote {path}")
 
 

@@ -324,7 +324,7 @@ def test_overwrite_keeps_the_old_export_until_the_new_one_is_complete(models, wo
     hf, ox, _ = models["qwen2_untied_fp32_sharded"]
     out = str(work / "reexport")
     convert.orbax_to_hf(ox, out, max_shard_size="20KB")
-    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    before = {name: (work / "reexport" / name).read_bytes() for name in os.listdir(out)}
     real_write = hf_io.SafetensorsWriter.write_at
     calls = {"n": 0}
 
@@ -337,7 +337,7 @@ def test_overwrite_keeps_the_old_export_until_the_new_one_is_complete(models, wo
     monkeypatch.setattr(hf_io.SafetensorsWriter, "write_at", failing_write)
     with pytest.raises(RuntimeError, match="killed mid-export"):
         convert.orbax_to_hf(ox, out, overwrite=True)
-    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
+    assert {name: (work / "reexport" / name).read_bytes() for name in os.listdir(out)} == before
     monkeypatch.undo()
     convert.orbax_to_hf(ox, out, overwrite=True)  # a single shard now: the old shard files are gone
     assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == ["model-00001-of-00001.safetensors"]
@@ -383,7 +383,7 @@ def test_side_file_symlink_inside_the_folder_or_to_a_hub_cache_blob_is_copied(mo
     os.symlink(os.path.join("tok", "merges.txt"), os.path.join(folder, "merges.txt"))
     out = convert.hf_to_orbax(folder, str(work / "link_in" / "orbax"))
     assert not os.path.islink(os.path.join(out, "merges.txt"))
-    assert open(os.path.join(out, "merges.txt")).read() == TOKENIZER_FILES["merges.txt"]
+    assert (work / "link_in" / "orbax" / "merges.txt").read_text() == TOKENIZER_FILES["merges.txt"]
 
     # Hugging Face cache layout: models--org--name/snapshots/<rev>/<file> -> ../../blobs/<hash>
     hf, _, _ = models["qwen2_tied_bf16_single"]
@@ -397,7 +397,7 @@ def test_side_file_symlink_inside_the_folder_or_to_a_hub_cache_blob_is_copied(mo
     back = convert.orbax_to_hf(convert.hf_to_orbax(str(snapshot), str(work / "link_in" / "hub_orbax")),
                                str(work / "link_in" / "hub_back"))
     _assert_identical(hf, back)
-    assert open(os.path.join(back, "merges.txt")).read() == TOKENIZER_FILES["merges.txt"]
+    assert (work / "link_in" / "hub_back" / "merges.txt").read_text() == TOKENIZER_FILES["merges.txt"]
 
 
 @pytest.mark.parametrize("shard", ["../elsewhere/model.safetensors", "ABSOLUTE", "linked.safetensors"])

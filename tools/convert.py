@@ -292,7 +292,7 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, step: int | None = None, dtype: str
     """Export a checkpoint directory's `params` (latest step by default) as a Hugging Face folder."""
     from qwen_jax import checkpoint_format as cf
     from qwen_jax.config import load_hf_config
-    from qwen_jax.hf_io import SafetensorsWriter, abstract_model, flat_paths, hf_shape, param_table, parse_size
+    from qwen_jax.hf_io import abstract_model, flat_paths, hf_shape, param_table, parse_size
 
     ckpt_dir = os.path.abspath(ckpt_dir)
     if not os.path.isdir(ckpt_dir):
