@@ -273,15 +273,18 @@ def _streaming_handler():
                             async with room:
                                 await room.wait_for(lambda c=cost: errors or in_flight[0] == 0
                                                     or in_flight[0] + c <= self.budget)
+                                if errors:
+                                    break
                                 in_flight[0] += cost
-                            if errors:
-                                raise errors[0]
                             tasks.append(asyncio.ensure_future(write_block(pool, value, info, store, k, cost)))
-                    await asyncio.gather(*tasks)
+                        if errors:
+                            break
                 finally:
-                    for t in tasks:
-                        t.cancel()
+                    # Every started write finishes (none is cancelled): nothing may land in the output
+                    # folder after the caller has removed it.
                     await asyncio.gather(*tasks, return_exceptions=True)
+            if errors:
+                raise errors[0]
 
     return StreamingHandler
 

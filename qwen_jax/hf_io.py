@@ -182,6 +182,16 @@ def weight_files(folder: str) -> dict[str, str]:
     if os.path.exists(single):
         inside_model_folder(folder, SAFETENSORS_SINGLE)
         return {name: single for name in _safetensors_keys(single)}
+    pickled = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    if pickled:
+        raise CheckpointError(
+            f"{folder}: only pickled weights ({', '.join(pickled)}); refusing to unpickle (it runs arbitrary code). "
+            "Re-save as safetensors in a trusted environment: "
+            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, safe_serialization=True)"
+        )
+    raise CheckpointError(f"{folder}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} found")
+
+
 def inside_model_folder(folder: str, name: str, named_by: str | None = None) -> str:
     """The real path of `folder/name`, which must lie inside the folder or in its Hugging Face cache blobs.
 
