@@ -182,8 +182,9 @@ def test_dtype_options(models, work):
         np.testing.assert_array_equal(a[n].astype(np.float32), b[n])
 
 
-def test_training_checkpoint_params_only(models, work):
-    """A trainer-style checkpoint (jax arrays, extra items, several steps) exports its params only."""
+def test_training_checkpoint_params_only(models, work, monkeypatch):
+    """A trainer-style checkpoint (jax arrays, extra items, several steps) exports its params only,
+    decoding each stored chunk once (one chunk per stacked parameter: one read, not one per layer)."""
     import orbax.checkpoint as ocp
 
     hf, _, _ = models["qwen3_untied_bf16_sharded"]
@@ -200,7 +201,15 @@ def test_training_checkpoint_params_only(models, work):
         mngr.wait_until_finished()
     for name in cf.side_files(hf):
         shutil.copy(os.path.join(hf, name), ckpt)
+    reads = []
+    real_read = cf.ParamReader.read
+    monkeypatch.setattr(cf.ParamReader, "read", lambda self, path, index=(): reads.append(path) or
+                        real_read(self, path, index))
     latest = convert.orbax_to_hf(ckpt, str(work / "train_export_latest"))
+    reader = cf.ParamReader(ckpt, 5)
+    assert all(reader.chunk_shape(p) == reader.shape(p) for p in reader.paths)  # the layout this test is about
+    assert sorted(reads) == sorted(reader.paths)
+    monkeypatch.undo()
     first = convert.orbax_to_hf(ckpt, str(work / "train_export_1"), step=1)
     _assert_identical(hf, first)
     doubled = _tensors(latest)
