@@ -43,6 +43,7 @@ checked against orbax-checkpoint 0.12.8; tests round-trip through the public
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import re
@@ -71,24 +72,69 @@ _SIDE_PATTERNS = (re.compile(r"chat_template.*\.(jinja|json)$"),)
 
 
 def side_files(folder: str) -> list[str]:
-    """Names of the Hugging Face side files present in `folder` (config, generation config, tokenizer)."""
+    """Names of the Hugging Face side files present in `folder` (config, generation config, tokenizer).
+
+    A side file that is a symlink must resolve inside the folder or into a Hugging Face cache
+    blob (`qwen_jax.hf_io.inside_model_folder`); otherwise this raises `CheckpointError`.
+    """
+    from qwen_jax.hf_io import inside_model_folder
+
     present = []
     for name in sorted(os.listdir(folder)):
-        if not os.path.isfile(os.path.join(folder, name)):
+        if not (name in SIDE_FILES or any(p.match(name) for p in _SIDE_PATTERNS)):
             continue
-        if name in SIDE_FILES or any(p.match(name) for p in _SIDE_PATTERNS):
+        if os.path.islink(os.path.join(folder, name)):
+            inside_model_folder(folder, name)
+        if os.path.isfile(os.path.join(folder, name)):
             present.append(name)
     return present
 
 
 def copy_side_files(src: str, dst: str, skip: Sequence[str] = ()) -> list[str]:
+    """Copy the side files of `src` into `dst`, each atomically, with the modes the umask gives new files."""
     copied = []
     for name in side_files(src):
         if name in skip:
             continue
-        shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+        atomic_copy(os.path.join(src, name), os.path.join(dst, name))
         copied.append(name)
     return copied
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (umask() itself sets it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str) -> None:
+    """Give `path` the mode a plain mkdir/open would have (mkdtemp/mkstemp make 0700/0600 whatever the umask)."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    """Copy the bytes of `src` to `dst` through a temporary file beside it: `dst` is old or new, never partial."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dst)), prefix=f".{os.path.basename(dst)}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+        honour_umask(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 # ---------------------------------------------------------------- lazily produced arrays
@@ -159,56 +205,103 @@ BAND_BYTES = 256 << 20  # target bytes per streamed band of a large non-stacked 
 
 
 def _streaming_handler():
-    """A NumpyHandler that writes `LazyArray`s block by block (chunk = block), one block in memory at a time."""
+    """A NumpyHandler that writes `LazyArray`s block by block (chunk = block), many blocks at once.
+
+    Blocks of all arrays are produced on a thread pool and written concurrently (TensorStore
+    encodes and writes on its own threads), with at most `budget` bytes of blocks in flight,
+    counted twice (our block and TensorStore's copy of it), so host memory stays bounded.
+    """
     import tensorstore as ts
     from orbax.checkpoint._src.serialization import ocdbt_utils, type_handlers
     from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
     from orbax.checkpoint._src.serialization import types as ocp_types
 
     class StreamingHandler(type_handlers.NumpyHandler):
-        def __init__(self, on_block=None):
+        def __init__(self, on_block=None, budget: int = 1 << 30):
             super().__init__(deepcopy_host_arrays=False)
             self.on_block = on_block
+            self.budget = budget
+
+        async def _open(self, value, info, arg):
+            await info.await_path_creation()
+            spec = ts_utils.build_array_write_spec(
+                info=info,
+                arg=arg,
+                global_shape=value.shape,
+                local_shape=value.block_shape,
+                dtype=np.dtype(value.dtype),
+                use_ocdbt=info.is_ocdbt_checkpoint,
+                process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
+                metadata_key=self._metadata_key,
+            )
+            return await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
 
         async def _background_serialize(self, values, infos, args=None):
+            from concurrent.futures import ThreadPoolExecutor
+
             args = args or [ocp_types.SaveArgs()] * len(values)
-            for value, info, arg in zip(values, infos, args, strict=True):  # sequential: bounded memory
-                await info.await_path_creation()
-                spec = ts_utils.build_array_write_spec(
-                    info=info,
-                    arg=arg,
-                    global_shape=value.shape,
-                    local_shape=value.block_shape,
-                    dtype=np.dtype(value.dtype),
-                    use_ocdbt=info.is_ocdbt_checkpoint,
-                    process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
-                    metadata_key=self._metadata_key,
-                )
-                t = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
-                loop = asyncio.get_running_loop()
-                for k in range(value.num_blocks):
+            stores = await asyncio.gather(*(self._open(v, i, a) for v, i, a in zip(values, infos, args, strict=True)))
+            loop = asyncio.get_running_loop()
+            room = asyncio.Condition()
+            in_flight = [0]
+            errors: list[BaseException] = []
+
+            async def write_block(pool, value, info, store, k, cost):
+                try:
                     # Reading/transforming a block is blocking numpy work: keep the event loop free.
-                    data = await loop.run_in_executor(None, value.read_block, k)
-                    data = np.asarray(data)
+                    data = np.asarray(await loop.run_in_executor(pool, value.read_block, k))
                     if data.shape != value.block_shape or data.dtype != np.dtype(value.dtype):
                         raise ValueError(f"{info.name}: block {k} is {data.shape} {data.dtype}, "
                                          f"expected {value.block_shape} {np.dtype(value.dtype)}")
-                    await t[value.index(k)].write(data)
+                    await store[value.index(k)].write(data)
                     if self.on_block is not None:
                         self.on_block(info.name, data.nbytes, k == value.num_blocks - 1)
-                    del data
+                except BaseException as e:
+                    errors.append(e)
+                    raise
+                finally:
+                    async with room:
+                        in_flight[0] -= cost
+                        room.notify_all()
+
+            tasks = []
+            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+                try:
+                    for value, info, store in zip(values, infos, stores, strict=True):
+                        cost = 2 * math.prod(value.block_shape) * np.dtype(value.dtype).itemsize
+                        for k in range(value.num_blocks):
+                            async with room:
+                                await room.wait_for(lambda c=cost: errors or in_flight[0] == 0
+                                                    or in_flight[0] + c <= self.budget)
+                                if errors:
+                                    break
+                                in_flight[0] += cost
+                            tasks.append(asyncio.ensure_future(write_block(pool, value, info, store, k, cost)))
+                        if errors:
+                            break
+                finally:
+                    # Every started write finishes (none is cancelled): nothing may land in the output
+                    # folder after the caller has removed it.
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            if errors:
+                raise errors[0]
 
     return StreamingHandler
 
 
-def save_params_streaming(ckpt_dir: str, step: int, lazy_params: dict, on_block=None) -> None:
-    """Save a nested dict of `LazyArray`s as item `params` of step `step` (same format as StandardSave)."""
+def save_params_streaming(ckpt_dir: str, step: int, lazy_params: dict, on_block=None, budget: int = 1 << 30,
+                          compress: bool = True) -> None:
+    """Save a nested dict of `LazyArray`s as item `params` of step `step` (same format as StandardSave).
+
+    `budget`: host bytes of blocks in flight; `compress`: zstd chunks as StandardSave writes
+    them, or raw chunks (what restore reads just as well, at disk speed).
+    """
     import orbax.checkpoint as ocp
     from orbax.checkpoint._src.serialization import type_handler_registry as thr
 
-    handler = _streaming_handler()(on_block=on_block)
+    handler = _streaming_handler()(on_block=on_block, budget=budget)
     registry = thr.create_type_handler_registry((LazyArray, handler), *thr._DEFAULT_TYPE_HANDLERS)
-    item_handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+    item_handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
     with ocp.CheckpointManager(ckpt_dir, options=options, item_handlers={PARAMS_ITEM: item_handler}) as mngr:
         mngr.save(step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.PyTreeSave(lazy_params)}))
@@ -299,6 +392,10 @@ class ParamReader:
 
     def dtype(self, path) -> np.dtype:
         return np.dtype(self._store(tuple(path)).dtype.numpy_dtype)
+
+    def chunk_shape(self, path) -> tuple[int, ...]:
+        """The stored chunk shape: reading part of a chunk decodes all of it, so reads should align to it."""
+        return tuple(int(d) for d in self._store(tuple(path)).chunk_layout.read_chunk.shape)
 
     def read(self, path, index=()) -> np.ndarray:
         store = self._store(tuple(path))

@@ -182,8 +182,9 @@ def test_dtype_options(models, work):
         np.testing.assert_array_equal(a[n].astype(np.float32), b[n])
 
 
-def test_training_checkpoint_params_only(models, work):
-    """A trainer-style checkpoint (jax arrays, extra items, several steps) exports its params only."""
+def test_training_checkpoint_params_only(models, work, monkeypatch):
+    """A trainer-style checkpoint (jax arrays, extra items, several steps) exports its params only,
+    decoding each stored chunk once (one chunk per stacked parameter: one read, not one per layer)."""
     import orbax.checkpoint as ocp
 
     hf, _, _ = models["qwen3_untied_bf16_sharded"]
@@ -200,7 +201,15 @@ def test_training_checkpoint_params_only(models, work):
         mngr.wait_until_finished()
     for name in cf.side_files(hf):
         shutil.copy(os.path.join(hf, name), ckpt)
+    reads = []
+    real_read = cf.ParamReader.read
+    monkeypatch.setattr(cf.ParamReader, "read", lambda self, path, index=(): reads.append(path) or
+                        real_read(self, path, index))
     latest = convert.orbax_to_hf(ckpt, str(work / "train_export_latest"))
+    reader = cf.ParamReader(ckpt, 5)
+    assert all(reader.chunk_shape(p) == reader.shape(p) for p in reader.paths)  # the layout this test is about
+    assert sorted(reads) == sorted(reader.paths)
+    monkeypatch.undo()
     first = convert.orbax_to_hf(ckpt, str(work / "train_export_1"), step=1)
     _assert_identical(hf, first)
     doubled = _tensors(latest)
@@ -318,20 +327,163 @@ def test_existing_output_refused_then_overwritten(models, work):
         convert.orbax_to_hf(ox, ox, overwrite=True)
 
 
+def test_overwrite_keeps_the_old_export_until_the_new_one_is_complete(models, work, monkeypatch):
+    from qwen_jax import hf_io
+
+    hf, ox, _ = models["qwen2_untied_fp32_sharded"]
+    out = str(work / "reexport")
+    convert.orbax_to_hf(ox, out, max_shard_size="20KB")
+    before = {name: (work / "reexport" / name).read_bytes() for name in os.listdir(out)}
+    real_write = hf_io.SafetensorsWriter.write_at
+    calls = {"n": 0}
+
+    def failing_write(self, name, block, start=0):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("killed mid-export")
+        return real_write(self, name, block, start)
+
+    monkeypatch.setattr(hf_io.SafetensorsWriter, "write_at", failing_write)
+    with pytest.raises(RuntimeError, match="killed mid-export"):
+        convert.orbax_to_hf(ox, out, overwrite=True)
+    assert {name: (work / "reexport" / name).read_bytes() for name in os.listdir(out)} == before
+    monkeypatch.undo()
+    convert.orbax_to_hf(ox, out, overwrite=True)  # a single shard now: the old shard files are gone
+    assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == ["model-00001-of-00001.safetensors"]
+    _assert_identical(hf, out)
+    assert not [f for f in os.listdir(work) if f.startswith(".reexport.")]
+
+
+# ---------------------------------------------------------------- symlinks and index paths
+def _linked_model(models, work, name):
+    """A copy of a small model folder (single safetensors file) and a folder outside it."""
+    hf, _, _ = models["qwen2_tied_bf16_single"]
+    folder = _copy(hf, work / name / "model")
+    outside = work / name / "elsewhere"
+    outside.mkdir(exist_ok=True)
+    return folder, outside
+
+
+def test_side_file_symlink_outside_the_folder_is_refused(models, work):
+    folder, outside = _linked_model(models, work, "link_out")
+    (outside / "merges.txt").write_text("#version: 0.2\nsecret\n")
+    os.remove(os.path.join(folder, "merges.txt"))
+    os.symlink(outside / "merges.txt", os.path.join(folder, "merges.txt"))
+    out = str(work / "link_out" / "orbax")
+    with pytest.raises(CheckpointError, match=r"merges.txt.*resolves to .*elsewhere/merges.txt.*outside"):
+        convert.hf_to_orbax(folder, out)
+    _assert_no_output(out)
+    with pytest.raises(CheckpointError, match="merges.txt.*outside"):
+        cf.copy_side_files(folder, str(work / "link_out"))
+    # the same rule for a checkpoint root that orbax-to-hf exports from
+    _, ox, _ = models["qwen2_tied_bf16_single"]
+    ckpt = _copy(ox, work / "link_out" / "ckpt")
+    os.remove(os.path.join(ckpt, "merges.txt"))
+    os.symlink(os.path.relpath(outside / "merges.txt", ckpt), os.path.join(ckpt, "merges.txt"))
+    with pytest.raises(CheckpointError, match="merges.txt.*outside"):
+        convert.orbax_to_hf(ckpt, str(work / "link_out" / "export"))
+    _assert_no_output(str(work / "link_out" / "export"))
+
+
+def test_side_file_symlink_inside_the_folder_or_to_a_hub_cache_blob_is_copied(models, work):
+    folder, _ = _linked_model(models, work, "link_in")
+    os.makedirs(os.path.join(folder, "tok"))
+    shutil.move(os.path.join(folder, "merges.txt"), os.path.join(folder, "tok", "merges.txt"))
+    os.symlink(os.path.join("tok", "merges.txt"), os.path.join(folder, "merges.txt"))
+    out = convert.hf_to_orbax(folder, str(work / "link_in" / "orbax"))
+    assert not os.path.islink(os.path.join(out, "merges.txt"))
+    assert (work / "link_in" / "orbax" / "merges.txt").read_text() == TOKENIZER_FILES["merges.txt"]
+
+    # Hugging Face cache layout: models--org--name/snapshots/<rev>/<file> -> ../../blobs/<hash>
+    hf, _, _ = models["qwen2_tied_bf16_single"]
+    repo = work / "link_in" / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, name in enumerate(sorted(os.listdir(hf))):
+        shutil.copy(os.path.join(hf, name), repo / "blobs" / f"blob{i}")
+        os.symlink(os.path.join("..", "..", "blobs", f"blob{i}"), snapshot / name)
+    back = convert.orbax_to_hf(convert.hf_to_orbax(str(snapshot), str(work / "link_in" / "hub_orbax")),
+                               str(work / "link_in" / "hub_back"))
+    _assert_identical(hf, back)
+    assert (work / "link_in" / "hub_back" / "merges.txt").read_text() == TOKENIZER_FILES["merges.txt"]
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere/model.safetensors", "ABSOLUTE", "linked.safetensors"])
+def test_index_shards_must_stay_inside_the_folder(models, work, shard):
+    folder, outside = _linked_model(models, work, "index_" + shard.split("/")[0].replace(".", "up"))
+    shutil.move(os.path.join(folder, "model.safetensors"), outside / "model.safetensors")
+    if shard == "ABSOLUTE":
+        shard = str(outside / "model.safetensors")
+    elif shard == "linked.safetensors":
+        os.symlink(outside / "model.safetensors", os.path.join(folder, shard))
+    reader = TensorReader(str(outside))
+    index = {"metadata": {}, "weight_map": dict.fromkeys(reader.files, shard)}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    out = str(work / ("index_out_" + os.path.basename(shard)))
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json.*" + shard.split("/")[-1]):
+        convert.hf_to_orbax(folder, out)
+    _assert_no_output(out)
+    with pytest.raises(CheckpointError, match="index.json"):
+        from_pretrained(folder)
+
+
+# ---------------------------------------------------------------- file modes
+def _modes(folder):
+    """{relative path: (is dir, permission bits)} of a folder and everything in it."""
+    out = {".": (True, os.stat(folder).st_mode & 0o777)}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = (os.path.isdir(path), os.stat(path).st_mode & 0o777)
+    return out
+
+
+def test_outputs_honour_the_umask_in_both_cli_directions(models, work):
+    hf, _, _ = models["qwen2_untied_fp32_sharded"]
+    src = _copy(hf, work / "umask_src")
+    for name in os.listdir(src):  # private source files: the outputs must not inherit 0600
+        os.chmod(os.path.join(src, name), 0o600)
+    orbax, back = str(work / "umask_orbax"), str(work / "umask_back")
+    for args in (("hf-to-orbax", "--hf_dir", src, "--out_dir", orbax),
+                 ("orbax-to-hf", "--ckpt", orbax, "--out_dir", back)):
+        result = _cli(*args, umask=0o022)
+        assert result.returncode == 0, result.stderr
+    for folder in (orbax, back):
+        modes = _modes(folder)
+        assert {p: m for p, (d, m) in modes.items() if d and m != 0o755} == {}, folder
+        assert {p: m for p, (d, m) in modes.items() if not d and m != 0o644} == {}, folder
+    assert {"merges.txt", "config.json", "model.safetensors.index.json"} <= set(os.listdir(back))
+
+
+def test_checkpoint_side_files_follow_the_umask(models, work):
+    hf, _, _ = models["qwen3_tied_fp32_single"]
+    dst = work / "side_umask"
+    dst.mkdir()
+    old = os.umask(0o027)
+    try:
+        copied = cf.copy_side_files(hf, str(dst))
+    finally:
+        os.umask(old)
+    assert "tokenizer_config.json" in copied and "config.json" in copied
+    assert {name: os.stat(dst / name).st_mode & 0o777 for name in os.listdir(dst)} == dict.fromkeys(copied, 0o640)
+
+
 def test_full_disk_leaves_nothing(models, work, monkeypatch):
     from qwen_jax import hf_io
 
     hf, ox, _ = models["qwen2_untied_fp32_sharded"]
     calls = {"n": 0}
-    real_write = hf_io.SafetensorsWriter.write
+    real_write = hf_io.SafetensorsWriter.write_at
 
-    def failing_write(self, name, block):
+    def failing_write(self, name, block, start=0):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(self, name, block)
+        return real_write(self, name, block, start)
 
-    monkeypatch.setattr(hf_io.SafetensorsWriter, "write", failing_write)
+    monkeypatch.setattr(hf_io.SafetensorsWriter, "write_at", failing_write)
     out = str(work / "full_hf")
     with pytest.raises(convert.ConvertError, match="no space left"):
         convert.orbax_to_hf(ox, out, max_shard_size="20KB")
@@ -405,10 +557,12 @@ def test_linter_subprocess_contract(work, monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------- CLI and progress
-def _cli(*args):
+def _cli(*args, umask=None):
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "tools.convert", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "tools.convert", *args]
+    if umask is not None:  # the shell sets it: no preexec_fn fork of a multithreaded (JAX) process
+        cmd = ["/bin/sh", "-c", f'umask {umask:03o} && exec "$0" "$@"', *cmd]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_cli_exit_codes_and_plain_progress(models, work):

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -99,7 +100,15 @@ def _gib(n: int) -> str:
 # ---------------------------------------------------------------- atomic output folder
 @contextlib.contextmanager
 def atomic_output(out_dir: str, overwrite: bool, sources: tuple[str, ...] = ()) -> Iterator[str]:
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on any error it is removed."""
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on any error it is removed.
+
+    With `overwrite`, an existing `out_dir` stays whole until the new folder is complete; the two
+    are then exchanged in one step where the kernel can (`renameat2` RENAME_EXCHANGE on Linux),
+    else by two renames, and the old one is removed.  The folder gets the mode the umask gives
+    a new folder (mkdtemp makes it 0700, which a serving process of another user cannot read).
+    """
+    from qwen_jax.checkpoint_format import honour_umask
+
     out = os.path.abspath(out_dir)
     for src in sources:
         if os.path.realpath(src) == os.path.realpath(out):
@@ -112,17 +121,38 @@ def atomic_output(out_dir: str, overwrite: bool, sources: tuple[str, ...] = ()) 
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     try:
+        honour_umask(tmp)
         yield tmp
         if os.path.lexists(out):
-            old = tmp + ".old"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            _exchange(tmp, out)  # tmp now holds the old folder
         else:
             os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> None:
+    """Swap two paths: atomically with Linux renameat2(RENAME_EXCHANGE), else by two renames."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, rename_exchange = -100, 2
+        if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), b)
+    aside = a + ".old"
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)
 
 
 def _nested_set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -165,6 +195,7 @@ def hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "keep", overwrite: bool 
     if os.path.lexists(out) and not overwrite:
         raise ConvertError(f"{out}: already exists; pass --overwrite to replace it (it was left untouched)")
     cfg = load_hf_config(hf_dir)
+    cf.side_files(hf_dir)  # a symlink that leads outside the folder stops here, before any work
     reader = TensorReader(hf_dir)
     try:
         _, abstract_state = abstract_model(cfg)
@@ -194,7 +225,9 @@ def hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "keep", overwrite: bool 
             bar.update(nbytes, tensor_done=last or blocks_per_param.get(name) is not None)
 
         with atomic_output(out, overwrite, sources=(hf_dir,)) as tmp:
-            _with_disk_errors(lambda: cf.save_params_streaming(tmp, 0, lazy, on_block=on_block), out)
+            largest = max(reader.nbytes(n) for n in reader.files)
+            _with_disk_errors(lambda: cf.save_params_streaming(tmp, 0, lazy, on_block=on_block, budget=2 * largest),
+                              out)
             copied = cf.copy_side_files(hf_dir, tmp)
         bar.close()
         log.info("wrote %s (step 0; side files: %s)", out, ", ".join(copied))
@@ -259,7 +292,7 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, step: int | None = None, dtype: str
     """Export a checkpoint directory's `params` (latest step by default) as a Hugging Face folder."""
     from qwen_jax import checkpoint_format as cf
     from qwen_jax.config import load_hf_config
-    from qwen_jax.hf_io import SafetensorsWriter, abstract_model, flat_paths, hf_shape, param_table, parse_size
+    from qwen_jax.hf_io import abstract_model, flat_paths, hf_shape, param_table, parse_size
 
     ckpt_dir = os.path.abspath(ckpt_dir)
     if not os.path.isdir(ckpt_dir):
@@ -276,6 +309,7 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, step: int | None = None, dtype: str
     if os.path.lexists(out) and not overwrite:
         raise ConvertError(f"{out}: already exists; pass --overwrite to replace it (it was left untouched)")
     cfg = load_hf_config(ckpt_dir)
+    cf.side_files(ckpt_dir)  # a symlink that leads outside the folder stops here, before any work
     try:
         step = cf.resolve_step(ckpt_dir, step)
     except FileNotFoundError as e:
@@ -305,13 +339,9 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, step: int | None = None, dtype: str
         total = sum(_nbytes(e) for e in plan)
         bar = (progress or Progress)("orbax-to-hf", len(plan), total)
         with atomic_output(out, overwrite, sources=(ckpt_dir,)) as tmp:
-            weight_map = {}
-            n = len(shards)
-            for si, shard in enumerate(shards):
-                fname = f"model-{si + 1:05d}-of-{n:05d}.safetensors"
-                _with_disk_errors(lambda shard=shard, fname=fname: _write_shard(
-                    os.path.join(tmp, fname), shard, reader, bar, SafetensorsWriter), out)
-                weight_map.update({e[0]: fname for e in shard})
+            files = [f"model-{si + 1:05d}-of-{len(shards):05d}.safetensors" for si in range(len(shards))]
+            weight_map = {e[0]: fname for shard, fname in zip(shards, files, strict=True) for e in shard}
+            _with_disk_errors(lambda: _write_shards(tmp, files, shards, table, plan, reader, bar), out)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
             cf.copy_side_files(ckpt_dir, tmp, skip=("config.json",))
@@ -344,41 +374,142 @@ def _split_shards(plan, limit: int) -> list[list]:
     return shards
 
 
-def _write_shard(path, shard, reader, bar, writer_cls) -> None:
-    writer = writer_cls(path, [(e[0], e[3], e[4]) for e in shard])
+def _write_shards(folder, files, shards, table, plan, reader, bar) -> None:
+    """Fill every shard file in parallel, one Orbax block at a time (see `_export_blocks`)."""
+    from qwen_jax.hf_io import SafetensorsWriter
+
+    writers: dict[str, SafetensorsWriter] = {}
     try:
-        for e in shard:
-            for block in _hf_blocks(reader, e):
-                writer.write(e[0], block)
-                bar.update(block.nbytes, tensor_done=False)
-            bar.update(0, tensor_done=True)
-        writer.close()
+        for fname, shard in zip(files, shards, strict=True):
+            writer = SafetensorsWriter(os.path.join(folder, fname), [(e[0], e[3], e[4]) for e in shard])
+            writers.update({e[0]: writer for e in shard})
+        entries = {e[0]: e for e in plan}
+        blocks = [b for spec in table for b in _export_blocks(reader, spec, entries)]
+        lock = __import__("threading").Lock()
+
+        def run(block):
+            index, spec, pieces = block
+            data = reader.read(spec.path, index)
+            for name, piece, start in _hf_pieces(spec, data, pieces, entries):
+                writers[name].write_at(name, piece, start)
+                with lock:
+                    bar.update(piece.nbytes, tensor_done=start + piece.nbytes == _nbytes(entries[name]))
+
+        # in flight per block: what was read, plus one converted layer or band
+        largest = max(_nbytes(e) for e in plan)
+        run_bounded(run, blocks, cost=lambda b: _block_nbytes(reader, b) * (1 + 1 / _layers(b)), budget=2 * largest)
+        unique = list({id(w): w for w in writers.values()}.values())
+        run_bounded(lambda w: w.close(), unique, cost=lambda w: 0)
     except BaseException:
-        writer.abort()
+        for w in {id(w): w for w in writers.values()}.values():
+            with contextlib.suppress(OSError):
+                w.abort()
         raise
 
 
-def _hf_blocks(reader, e) -> Iterator[np.ndarray]:
-    """The Hugging Face tensor of one plan entry, as row bands (only big 2-D tensors are split)."""
-    from qwen_jax.checkpoint_format import block_rows_for
+def _export_blocks(reader, spec, entries) -> list[tuple]:
+    """(our index, spec, covered HF names or rows) of every read of one stored parameter.
+
+    Reads follow the stored chunk grid: a chunk is decoded whole, so a read that takes a part
+    of a chunk, one layer out of a trainer checkpoint's single-chunk stacked parameter say,
+    would decode it again for every layer.  Each read is a run of whole chunks of about
+    `READ_BYTES` (at least one chunk): several layers of a stacked parameter, or a band of
+    vocabulary rows (columns of our LM head) of a big 2-D parameter.
+    """
+    shape, chunk = reader.shape(spec.path), reader.chunk_shape(spec.path)
+    if spec.stacked:
+        axis = 0
+    elif spec.transform in ("copy", "t") and len(shape) == 2:
+        axis = 0 if spec.transform == "copy" else 1
+    else:
+        return [((), spec, None)]
+    slice_bytes = math.prod(shape) // shape[axis] * np.dtype(reader.dtype(spec.path)).itemsize
+    unit = max(1, min(chunk[axis], shape[axis]))
+    size = unit * max(1, READ_BYTES // max(1, unit * slice_bytes))
+    blocks = []
+    for start in range(0, shape[axis], size):
+        stop = min(start + size, shape[axis])
+        index = tuple(slice(start, stop) if a == axis else slice(None) for a in range(len(shape)))
+        blocks.append((index, spec, (start, stop)))
+    return blocks
+
+
+def _layers(block) -> int:
+    _, spec, span = block
+    return span[1] - span[0] if spec.stacked else 1
+
+
+def _block_nbytes(reader, block) -> int:
+    index, spec, _ = block
+    shape = reader.shape(spec.path)
+    sizes = [len(range(*sl.indices(n))) for sl, n in zip(index, shape, strict=False)] + list(shape[len(index):])
+    return math.prod(sizes) * np.dtype(reader.dtype(spec.path)).itemsize
+
+
+def _hf_pieces(spec, data, span, entries) -> Iterator[tuple[str, np.ndarray, int]]:
+    """(HF name, contiguous HF-layout array, byte offset inside that tensor) of a block read from Orbax."""
     from qwen_jax.hf_io import to_hf
 
-    name, spec, layer, shape, dt = e
     if spec.stacked:
-        yield to_hf(spec, reader.read(spec.path, (layer,))).astype(dt, copy=False)
+        for j, layer in enumerate(range(*span)):
+            name = spec.hf_name.format(i=layer)
+            yield name, to_hf(spec, data[j]).astype(entries[name][4], copy=False), 0
         return
-    if spec.transform in ("copy", "t") and len(shape) == 2:
-        rows, cols = shape
-        band = block_rows_for(rows, cols, dt, reader.dtype(spec.path))
-        for k in range(rows // band):
-            rs = slice(k * band, (k + 1) * band)
-            if spec.transform == "copy":
-                part = reader.read(spec.path, (rs,))
-            else:
-                part = reader.read(spec.path, (slice(None), rs)).T
-            yield np.ascontiguousarray(part.astype(dt, copy=False))
+    dt = entries[spec.hf_name][4]
+    if span is None:
+        yield spec.hf_name, to_hf(spec, data).astype(dt, copy=False), 0
         return
-    yield to_hf(spec, reader.read(spec.path)).astype(dt, copy=False)
+    part = to_hf(spec, data).astype(dt, copy=False)  # HF rows span[0]:span[1]
+    yield spec.hf_name, part, span[0] * part.shape[1] * part.itemsize
+
+
+def run_bounded(fn, items, cost, budget: int | None = None, workers: int | None = None) -> None:
+    """fn(item) for every item on a thread pool, with at most `budget` bytes of `cost(item)` in flight.
+
+    The budget bounds host memory (an item that alone exceeds it still runs, alone); the
+    threads overlap TensorStore decoding, numpy transposes and file writes, which all release
+    the GIL.  The first exception stops the submission of new items and is raised.
+    """
+    import threading
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    budget = IO_BUDGET_BYTES if budget is None else budget
+    workers = workers or min(16, os.cpu_count() or 1)
+    in_flight = [0]
+    room = threading.Condition()
+    failed = threading.Event()
+
+    def task(item, nbytes):
+        try:
+            fn(item)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            with room:
+                in_flight[0] -= nbytes
+                room.notify_all()
+
+    futures = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for item in items:
+            nbytes = cost(item)
+            with room:
+                room.wait_for(lambda n=nbytes: failed.is_set() or in_flight[0] == 0 or in_flight[0] + n <= budget)
+                if failed.is_set():
+                    break
+                in_flight[0] += nbytes
+            futures.append(pool.submit(task, item, nbytes))
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in futures:
+            f.cancel()
+    for f in futures:
+        if f.done() and not f.cancelled() and f.exception() is not None:
+            raise f.exception()
+
+
+IO_BUDGET_BYTES = 1 << 30  # host bytes in flight across conversion threads, unless the caller says
+READ_BYTES = 64 << 20  # target size of one read: big enough for full disk speed, small enough for many threads
 
 
 def _check_params(cfg, reader, table, abstract, source: str) -> None:
@@ -415,7 +546,7 @@ def _write_config(src: str, dst: str, dtypes: set[str]) -> None:
     dtype = dtypes.pop() if len(dtypes) == 1 else None
     keys = [k for k in ("dtype", "torch_dtype") if k in raw] or ["dtype"]
     if dtype is None or all(raw.get(k) == dtype for k in keys):
-        shutil.copy2(src, dst)
+        shutil.copyfile(src, dst)  # not copy2: the new file's mode follows the umask, not the source's
         return
     for k in keys:
         raw[k] = dtype
