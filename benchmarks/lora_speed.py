@@ -33,7 +33,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import run_result_subprocess  # noqa: E402  (benchmarks/ on sys.path)
+from bench_common import run_result_subprocess, torch_step_times  # noqa: E402  (benchmarks/ on sys.path)
 from train_throughput import (  # noqa: E402
     DEFAULT_XLA_FLAGS,
     PRESETS,
@@ -135,25 +135,9 @@ def worker_torch(preset, seq, batch, variant, steps, blocks, rank):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    for i in range(3):
-        one(batches[i])
-    torch.cuda.synchronize()
-    synced = []
-    for i in range(steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = one(batches[i % 3])
-        torch.cuda.synchronize()
-        synced.append(time.perf_counter() - t0)
-    per_block = []
-    for _ in range(blocks):
-        t0 = time.perf_counter()
-        for i in range(steps):
-            loss = one(batches[i % 3])
-        torch.cuda.synchronize()
-        per_block.append((time.perf_counter() - t0) / steps)
+    synced, per_block, loss = torch_step_times(one, batches, steps, blocks)
     return dict(step_s=statistics.median(per_block), step_s_blocks=per_block, step_s_synced=statistics.median(synced),
-                loss=float(loss), peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                loss=loss, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                 trainable=model.get_nb_trainable_parameters()[0], device=torch.cuda.get_device_name(),
                 torch=torch.__version__, peft=peft.__version__)
 
@@ -169,7 +153,8 @@ def run_worker(framework, shape, variant, args):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="7b:4096x1", help="comma-separated size:SEQxBATCH (train_throughput.py's)")
-    p.add_argument("--variants", default="cudnn/full/noscan/2048,cudnn/dots_no_batch/noscan/2048",
+    p.add_argument("--variants",
+                   default="cudnn/full/noscan/2048,cudnn/full/noscan/1024,cudnn/dots_no_batch/noscan/2048",
                    help="comma-separated attention/remat/scan|noscan/loss_chunk")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=8, help="steps per timed block (and synced steps)")

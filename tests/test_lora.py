@@ -213,7 +213,7 @@ def test_sigterm_resume_bit_equal_losses_and_exports(base, trained, tmp_path):
     assert stopped_at < 8
     result = tl.run(workdir, *args)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"resumed from" in result.stdout
+    assert "resumed from" in result.stdout
     assert tl.losses(workdir) == ref  # bit-equal floats from metrics.jsonl
     for name in ("hf_adapter/adapter_model.safetensors", "hf_export/model.safetensors"):
         with open(os.path.join(workdir, name), "rb") as a, open(os.path.join(ref_dir, name), "rb") as b:
