@@ -109,6 +109,34 @@ def test_bad_settings_are_errors_naming_the_key(base):
     assert lora_lib.spec_from_config({"rank": 0}) is None
 
 
+def test_dropout_is_on_the_adapter_input_like_peft():
+    """With the same keep-mask, our delta equals PEFT's lora_B(lora_A(dropout(x))) * scale (mask on x, not on x A)."""
+    from qwen_jax.layers.linear import lora_delta
+
+    rng = np.random.default_rng(0)
+    x, a, b = rng.normal(size=(2, 5, 8)), rng.normal(size=(8, 3)), rng.normal(size=(3, 4, 2))
+    key = jax.random.key_data(jax.random.key(7))
+    ours = np.asarray(lora_delta(jnp.float32(x), jnp.float32(a), jnp.float32(b), scale=1.5, dtype=jnp.float32,
+                                 dropout=0.25, key=key))
+    keep = np.asarray(jax.random.bernoulli(jax.random.wrap_key_data(key), 0.75, x.shape))
+    torch_a, torch_b = torch.nn.Linear(8, 3, bias=False), torch.nn.Linear(3, 8, bias=False)
+    peft_a, peft_b = lora_lib.to_peft(a, b)
+    with torch.no_grad():
+        torch_a.weight.copy_(torch.as_tensor(peft_a))
+        torch_b.weight.copy_(torch.as_tensor(peft_b))
+        ref = torch_b(torch_a(torch.as_tensor(x * keep / 0.75, dtype=torch.float32))).numpy() * 1.5
+    np.testing.assert_allclose(ours.reshape(2, 5, 8), ref, rtol=1e-5, atol=1e-6)
+    plain = np.asarray(lora_delta(jnp.float32(x), jnp.float32(a), jnp.float32(b), scale=1.5, dtype=jnp.float32))
+    assert not np.allclose(ours, plain)  # the mask did something
+
+
+def test_dropout_keys_differ_per_layer_and_projection(base):
+    cfg = load_hf_config(base)
+    keys = lora_lib.dropout_key_fn(cfg, lora_lib.LoraSpec(rank=2, alpha=2.0, dropout=0.1))(jax.random.PRNGKey(3))
+    rows = [tuple(k) for leaf in lora_lib.flatten(keys).values() for k in np.asarray(leaf)]
+    assert len(rows) == 7 * cfg.num_hidden_layers == len(set(rows))
+
+
 # ---------------------------------------------------------------- a PEFT adapter made by peft (non-zero B)
 @pytest.fixture(scope="module")
 def peft_adapter(base, tmp_path_factory):
@@ -155,7 +183,7 @@ def test_import_peft_adapter_reproduces_peft_logits(base, peft_adapter, tmp_path
 # ---------------------------------------------------------------- training runs (subprocesses)
 RUN_ARGS = [
     "--config.lora.rank=4", "--config.lora.alpha=8", "--config.lora.dropout=0.1", "--config.grad_accum_steps=2",
-    "--config.total_steps=8", "--config.save_every=2", "--config.export_hf=true",
+    "--config.total_steps=6", "--config.save_every=2", "--config.export_hf=true",
     "--config.optimizer.learning_rate=1e-2",
 ]
 
@@ -171,7 +199,7 @@ def trained(base, tmp_path_factory):
 @pytest.mark.slow
 def test_exports_match_peft_and_ours_and_base_untouched(base, trained):
     workdir, losses, stdout = trained
-    assert sorted(losses) == list(range(1, 9)) and "exported" in stdout
+    assert sorted(losses) == list(range(1, 7)) and "exported" in stdout
     adapter, merged = os.path.join(workdir, "hf_adapter"), os.path.join(workdir, "hf_export")
     with open(os.path.join(adapter, "adapter_config.json")) as f:
         assert json.load(f)["r"] == 4
@@ -210,7 +238,7 @@ def test_sigterm_resume_bit_equal_losses_and_exports(base, trained, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
     stopped_at = max(tl.losses(workdir))
-    assert stopped_at < 8
+    assert stopped_at < 6
     result = tl.run(workdir, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from" in result.stdout
@@ -221,9 +249,9 @@ def test_sigterm_resume_bit_equal_losses_and_exports(base, trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_other_mesh_scan_remat_blockwise_bf16_base_train_the_same(base, trained, tmp_path):
-    """Tensor-parallel adapters, scanned layers, remat and the blockwise kernel: the same losses (float tolerance);
-    a bf16 base trains and exports a bf16 merged folder."""
+def test_tensor_mesh_scan_remat_blockwise_train_the_same(base, trained, tmp_path):
+    """Tensor-parallel adapters (A sharded like the kernel's input, B like its output), scanned layers, full remat
+    and the blockwise kernel: the same per-step losses as the fsdp / unrolled / xla run (float tolerance)."""
     _, ref, _ = trained
     workdir = str(tmp_path / "tensor")
     result = tl.run(workdir, f"--config.model.init_from={base}", *RUN_ARGS, "--config.mesh.fsdp=1",
@@ -234,12 +262,3 @@ def test_other_mesh_scan_remat_blockwise_bf16_base_train_the_same(base, trained,
     np.testing.assert_allclose([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=2e-5)
     assert os.path.isdir(os.path.join(workdir, "hf_adapter")) and not os.path.exists(
         os.path.join(workdir, "hf_export"))
-
-    workdir = str(tmp_path / "bf16")
-    result = tl.run(workdir, f"--config.model.init_from={base}", *RUN_ARGS, "--config.lora.base_dtype=bfloat16",
-                    "--config.lora.export=merged", "--config.total_steps=2")
-    assert result.returncode == 0, result.stdout + result.stderr
-    with open(os.path.join(workdir, "hf_export", "config.json")) as f:
-        assert json.load(f).get("dtype", "") == "bfloat16"
-    merged = AutoModelForCausalLM.from_pretrained(os.path.join(workdir, "hf_export"))
-    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
