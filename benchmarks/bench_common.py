@@ -39,6 +39,21 @@ def timed(fn, *args, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def torch_lm_step(model, optimizer):
+    """`one(ids) -> loss`: a transformers causal-LM training step under bf16 autocast, loss from `labels`."""
+    import torch
+
+    def one(ids):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return one
+
+
 def torch_step_times(one, batches: list, steps: int, blocks: int):
     """(synced seconds per step, [seconds per step of each back-to-back block], last loss) of a CUDA training step
     `one(batch) -> loss`, after 3 warm-up steps; the peak-memory counter is reset after the warm-up."""

@@ -33,7 +33,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import run_result_subprocess, torch_step_times  # noqa: E402  (benchmarks/ on sys.path)
+from bench_common import run_result_subprocess, torch_lm_step, torch_step_times  # noqa: E402  (benchmarks/ on sys.path)
 from train_throughput import (  # noqa: E402
     DEFAULT_XLA_FLAGS,
     PRESETS,
@@ -126,16 +126,7 @@ def worker_torch(preset, seq, batch, variant, steps, blocks, rank):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
     batches = [torch.randint(0, config.vocab_size, (batch, seq), device="cuda") for _ in range(3)]
-
-    def one(ids):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    synced, per_block, loss = torch_step_times(one, batches, steps, blocks)
+    synced, per_block, loss = torch_step_times(torch_lm_step(model, optimizer), batches, steps, blocks)
     return dict(step_s=statistics.median(per_block), step_s_blocks=per_block, step_s_synced=statistics.median(synced),
                 loss=loss, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                 trainable=model.get_nb_trainable_parameters()[0], device=torch.cuda.get_device_name(),

@@ -54,7 +54,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import run_result_subprocess, torch_step_times  # noqa: E402  (benchmarks/ on sys.path)
+from bench_common import run_result_subprocess, torch_lm_step, torch_step_times  # noqa: E402  (benchmarks/ on sys.path)
 
 PRESETS = {"0.5b": "qwen2-0.5b", "1.5b": "qwen2-1.5b", "7b": "qwen2-7b", "tiny": "tiny"}
 PEAK = 989e12
@@ -306,16 +306,7 @@ def _torch_train_times(hf: dict, cfg, seq, batch, variant, steps, blocks):
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     batches = [torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda") for _ in range(3)]
-
-    def one(ids):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    times, per_block, loss = torch_step_times(one, batches, steps, blocks)
+    times, per_block, loss = torch_step_times(torch_lm_step(model, optimizer), batches, steps, blocks)
     return times, per_block, loss, torch.cuda.max_memory_allocated() / 2**30
 
 
