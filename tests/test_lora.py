@@ -137,6 +137,15 @@ def test_dropout_keys_differ_per_layer_and_projection(base):
     assert len(rows) == 7 * cfg.num_hidden_layers == len(set(rows))
 
 
+@pytest.mark.slow
+def test_launch_with_bad_lora_targets_exits_2_naming_the_key(tmp_path):
+    workdir = tmp_path / "run"
+    result = tl.run(workdir, "--config.lora.rank=4", "--config.lora.targets=norm", devices=1, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "FATAL config error: config key 'lora.targets'" in result.stderr and "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
 # ---------------------------------------------------------------- a PEFT adapter made by peft (non-zero B)
 @pytest.fixture(scope="module")
 def peft_adapter(base, tmp_path_factory):
