@@ -176,6 +176,13 @@ def test_import_peft_adapter_reproduces_peft_logits(base, peft_adapter, tmp_path
     print(f"[lora] imported peft adapter: max |ours - peft| = {err:.2e}")
     assert err <= JAX_TOL
 
+    # merged in memory (no adapters left): the same logits as the adapters applied on the fly
+    merged = lora_lib.merged_params(params, spec)
+    assert not any(lora_lib.is_adapter(p) for p in lora_lib.flatten(merged))
+    graphdef = nnx.split(nnx.eval_shape(lambda: qwen_jax.Qwen(cfg, rngs=nnx.Rngs(0))))[0]
+    plain = np.asarray(jax.jit(lambda m, x: m(x))(nnx.merge(graphdef, merged), jnp.asarray(ids, jnp.int32)))
+    assert _maxdiff(plain, ours) <= 1e-5
+
     # qwen-convert merge-lora: the merged folder gives peft's logits too
     out = str(tmp_path / "merged")
     proc = subprocess.run([sys.executable, "-m", "tools.convert", "merge-lora", "--base", base, "--adapter",
