@@ -37,3 +37,44 @@ def timed(fn, *args, reps: int = 5) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def torch_lm_step(model, optimizer):
+    """`one(ids) -> loss`: a transformers causal-LM training step under bf16 autocast, loss from `labels`."""
+    import torch
+
+    def one(ids):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return one
+
+
+def torch_step_times(one, batches: list, steps: int, blocks: int):
+    """(synced seconds per step, [seconds per step of each back-to-back block], last loss) of a CUDA training step
+    `one(batch) -> loss`, after 3 warm-up steps; the peak-memory counter is reset after the warm-up."""
+    import torch
+
+    for i in range(3):
+        one(batches[i % len(batches)])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    synced = []
+    for i in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = one(batches[i % len(batches)])
+        torch.cuda.synchronize()
+        synced.append(time.perf_counter() - t0)
+    per_block = []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            loss = one(batches[i % len(batches)])
+        torch.cuda.synchronize()
+        per_block.append((time.perf_counter() - t0) / steps)
+    return synced, per_block, float(loss)

@@ -54,7 +54,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import run_result_subprocess  # noqa: E402  (benchmarks/ on sys.path)
+from bench_common import run_result_subprocess, torch_lm_step, torch_step_times  # noqa: E402  (benchmarks/ on sys.path)
 
 PRESETS = {"0.5b": "qwen2-0.5b", "1.5b": "qwen2-1.5b", "7b": "qwen2-7b", "tiny": "tiny"}
 PEAK = 989e12
@@ -310,34 +310,8 @@ def _torch_train_times(hf: dict, cfg, seq, batch, variant, steps, blocks):
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     batches = [torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda") for _ in range(3)]
-
-    def one(ids):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    for i in range(3):
-        one(batches[i])
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = one(batches[i % 3])
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    per_block = []
-    for _ in range(blocks):
-        t0 = time.perf_counter()
-        for i in range(steps):
-            loss = one(batches[i % 3])
-        torch.cuda.synchronize()
-        per_block.append((time.perf_counter() - t0) / steps)
-    return times, per_block, float(loss), torch.cuda.max_memory_allocated() / 2**30
+    times, per_block, loss = torch_step_times(torch_lm_step(model, optimizer), batches, steps, blocks)
+    return times, per_block, loss, torch.cuda.max_memory_allocated() / 2**30
 
 
 def worker_torch(preset, seq, batch, variant, steps, blocks):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from qwen_jax.lora import DEFAULT_TARGETS
+
 
 def data_config() -> ml_collections.ConfigDict:
     """The data pipeline's defaults (`qwen_jax.data.default_config()`), or a minimal stand-in until it lands."""
@@ -68,6 +70,16 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- freezing (trainable = everything not frozen; a pattern that matches nothing is an error)
     c.freeze = ""  # regex (re.search) over parameter paths like "layers/mlp/gate_proj/kernel"
     c.freeze_layers = 0  # shorthand: freeze the embeddings and the first N decoder layers
+
+    # ---- LoRA (docs/lora.md): adapters on the projections, the base frozen with no optimizer state
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # adapter rank r (0 = off: full fine-tuning)
+    c.lora.alpha = 16.0  # the adapter output is scaled by alpha / rank
+    c.lora.dropout = 0.0  # dropout on the adapter input (training only), as PEFT's lora_dropout
+    c.lora.targets = DEFAULT_TARGETS  # regex over "/"-prefixed kernel paths; default: all attention + MLP projections
+    c.lora.base_dtype = "keep"  # storage dtype of the frozen base: keep (= model.param_dtype) | bfloat16 | float16
+    c.lora.export = "both"  # at the end: merged (<workdir>/hf_export) | adapter (<workdir>/hf_adapter) | both
+    c.lora.init_from = ""  # a PEFT adapter folder to continue training (its rank, alpha and targets win)
 
     # ---- data: the pipeline's own block (issue 6); `synthetic_data` replaces it with random tokens
     c.data = data_config()

@@ -204,6 +204,7 @@ def run(config, workdir: str) -> int:
     from flax import nnx
 
     from qwen_jax import checkpoint as ckpt_lib
+    from qwen_jax import lora as lora_lib
     from qwen_jax import metrics as metrics_lib
     from qwen_jax import sharding as sh
     from qwen_jax.trainer import optimizer as opt_lib
@@ -218,6 +219,8 @@ def run(config, workdir: str) -> int:
     mesh_shape = {k: int(v) for k, v in config.mesh.items()}
     mesh = sh.make_mesh(mesh_shape)
     cfg, source, overrides = model_config(config)
+    lora = lora_lib.spec_from_config(config.get("lora"))  # None when LoRA is off
+    cfg, overrides = lora_lib.base_config(cfg, overrides, lora)
     ring = int(mesh.shape["seq"])
     if ring > 1 and cfg.attention != "ring":
         raise ConfigKeyError(f"mesh.seq={ring} shards the sequence, which needs ring attention: "
@@ -240,8 +243,9 @@ def run(config, workdir: str) -> int:
         f"hidden {cfg.hidden_size} vocab {cfg.vocab_size} | dtype {cfg.dtype} params {cfg.param_dtype} | "
         f"remat {cfg.remat} scan_layers {cfg.scan_layers}")
 
-    graphdef, abstract_params, p_sh = ts.param_shardings(cfg, mesh)
+    graphdef, abstract_params, p_sh = ts.param_shardings(cfg, mesh, lora)
     freeze = opt_lib.resolve_freeze(abstract_params, config.freeze, int(config.freeze_layers), cfg.num_hidden_layers)
+    freeze = lora_lib.freeze_base(freeze, abstract_params, lora)
     counts = freeze.summary(abstract_params)
     say(f"parameters: {counts['trainable']:,} trainable / {counts['total']:,} total "
         f"({counts['frozen']:,} frozen)")
@@ -273,8 +277,9 @@ def run(config, workdir: str) -> int:
         state, meta = ckpt.restore(latest, abstract, data_iter)
         say(f"resumed from {ckpt_dir} step {latest}")
     else:
+        base_abstract, base_sh = lora_lib.base_only(abstract_params), lora_lib.base_only(p_sh)
         if source == "preset":
-            params = ts.init_params(cfg, int(config.seed), p_sh)
+            params = ts.init_params(cfg, int(config.seed), base_sh)
         elif source == "hf":
             from qwen_jax.hf_io import from_pretrained
 
@@ -283,7 +288,8 @@ def run(config, workdir: str) -> int:
             del model
         else:
             step = None if config.model.init_step < 0 else int(config.model.init_step)
-            params = ckpt_lib.restore_params(config.model.init_from, step, abstract_params, p_sh)
+            params = ckpt_lib.restore_params(config.model.init_from, step, base_abstract, base_sh)
+        params = lora_lib.add_adapters(params, cfg, lora, abstract_params, p_sh, int(config.seed))
         state = ts.init_state(params, tx, int(config.seed), state_sh)
         del params
         say(f"initialised from {source}; checkpoints in {ckpt_dir}")
@@ -294,7 +300,8 @@ def run(config, workdir: str) -> int:
 
     train_step = ts.make_train_step(graphdef, tx, schedule, freeze, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
                                     chunk_size=int(config.loss.chunk_size), z_loss=float(config.loss.z_loss),
-                                    grad_accum_steps=accum, zigzag=ring > 1)
+                                    grad_accum_steps=accum, zigzag=ring > 1,
+                                    dropout_keys=lora_lib.dropout_key_fn(cfg, lora))
     logger = metrics_lib.MetricsLogger(
         workdir, peak_flops=metrics_lib.peak_flops_per_device(float(config.peak_flops_per_device)),
         num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0)
@@ -334,7 +341,11 @@ def run(config, workdir: str) -> int:
     logger.close()
     if step >= total:
         say(f"done: {total} steps; checkpoints in {ckpt_dir}")
-        if config.export_hf:
+        if config.export_hf and lora is not None and pidx == 0:
+            for folder in lora_lib.export(ckpt_dir, total, lora, adapter_dir=os.path.join(workdir, "hf_adapter"),
+                                          merged_dir=config.export_hf_dir or os.path.join(workdir, "hf_export")):
+                say(f"exported {folder}")
+        elif config.export_hf and lora is None:
             export_hf(ckpt_dir, config.export_hf_dir or os.path.join(workdir, "hf_export"), total)
     return exit_code
 
@@ -387,11 +398,12 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from qwen_jax.config import ConfigError
+    from qwen_jax.lora import LoraError
     from qwen_jax.trainer.optimizer import FreezeError
 
     try:
         code = run(_CONFIG.value, FLAGS.workdir)
-    except (ConfigKeyError, ConfigError, FreezeError) as e:
+    except (ConfigKeyError, ConfigError, FreezeError, LoraError) as e:
         print(f"FATAL config error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code)

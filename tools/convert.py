@@ -608,12 +608,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB, 2GiB)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out_dir")
     b.add_argument("--allow_lint_errors", action="store_true", help="export even if the config linter reports errors")
+    add_lora_commands(sub)
     return p
+
+
+# ---------------------------------------------------------------- LoRA (core logic in qwen_jax/lora.py)
+def add_lora_commands(sub) -> None:
+    m = sub.add_parser("merge-lora", help="Hugging Face base folder + PEFT LoRA adapter folder -> merged HF folder")
+    m.add_argument("--base", required=True, help="Hugging Face model folder the adapter was trained on")
+    m.add_argument("--adapter", required=True, help="PEFT adapter folder (adapter_config.json + safetensors)")
+    m.add_argument("--out", required=True, help="merged Hugging Face folder (written atomically)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def run_lora_command(args) -> None:
+    from qwen_jax.lora import merge_folders
+
+    merge_folders(args.base, args.adapter, args.out, overwrite=args.overwrite)
+    log.info("wrote %s", os.path.abspath(args.out))
 
 
 def main(argv: list[str] | None = None) -> int:
     from qwen_jax.config import ConfigError
     from qwen_jax.hf_io import CheckpointError
+    from qwen_jax.lora import LoraError
 
     args = build_parser().parse_args(argv)
     # SIGTERM -> SystemExit, so the temporary output folder is removed on the way out.
@@ -624,13 +642,15 @@ def main(argv: list[str] | None = None) -> int:
 
         absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        if args.command == "hf-to-orbax":
+        if args.command == "merge-lora":
+            run_lora_command(args)
+        elif args.command == "hf-to-orbax":
             hf_to_orbax(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
         else:
             orbax_to_hf(args.ckpt, args.out_dir, step=args.step, dtype=args.dtype,
                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                         allow_lint_errors=args.allow_lint_errors)
-    except (ConvertError, ConfigError, CheckpointError) as e:
+    except (ConvertError, ConfigError, CheckpointError, LoraError) as e:
         print(f"qwen-convert: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

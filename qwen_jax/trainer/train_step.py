@@ -22,19 +22,23 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwen_jax import lora as lora_lib
 from qwen_jax import sharding as sh
 from qwen_jax.config import QwenConfig
 from qwen_jax.hf_io import abstract_model
 from qwen_jax.model import Qwen
 from qwen_jax.trainer.loss import model_loss_sums
-from qwen_jax.trainer.optimizer import FreezeSpec, apply_freeze, path_str
+from qwen_jax.trainer.optimizer import ALL, FreezeSpec, apply_freeze, path_str
 
 BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
 
 
-def param_shardings(cfg: QwenConfig, mesh: Mesh):
-    """(graphdef, abstract params pure dict, NamedSharding pure dict) without allocating anything."""
-    graphdef, abstract = abstract_model(cfg)
+def param_shardings(cfg: QwenConfig, mesh: Mesh, lora: lora_lib.LoraSpec | None = None):
+    """(graphdef, abstract params pure dict, NamedSharding pure dict) without allocating anything.
+
+    With `lora`, the model has adapters on the targeted projections (`qwen_jax.lora`).
+    """
+    graphdef, abstract = abstract_model(cfg) if lora is None else lora_lib.abstract_model(cfg, lora)[:2]
     shardings = nnx.to_pure_dict(sh.state_shardings(abstract, mesh))
     return graphdef, nnx.to_pure_dict(abstract), shardings
 
@@ -111,15 +115,23 @@ def permute_batch_for_ring(batch: dict, ring: int) -> dict:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, freeze: FreezeSpec, *,
                     mesh: Mesh, state_sh: dict, batch_sh: dict, chunk_size: int = 1024, z_loss: float = 0.0,
-                    grad_accum_steps: int = 1, zigzag: bool = False) -> Callable:
+                    grad_accum_steps: int = 1, zigzag: bool = False,
+                    dropout_keys: Callable | None = None) -> Callable:
     """`step(state, batch) -> (state, metrics)`, jitted, state donated.
 
     `zigzag`: batches arrive in ring attention's zig-zag order (see `permute_batch_for_ring`).
+    Wholly frozen parameters (FreezeSpec ALL, e.g. a LoRA base) are not differentiated and pass
+    through the step untouched (bit-identical, aliased by donation).  `dropout_keys(rng)` gives the
+    extra nnx state the model's dropout reads (LoRA dropout), fresh from the step's rng per microbatch.
     """
     accum = int(grad_accum_steps)
+    frozen_whole = {p for p, n in freeze.frozen.items() if n == ALL}
+    trainable_path = lambda p: p not in frozen_whole  # noqa: E731
 
-    def loss_fn(params, batch, denom):
-        model = nnx.merge(graphdef, params)
+    def loss_fn(trainable, frozen, batch, denom, key):
+        params = lora_lib.combine(trainable, frozen)
+        extra = (dropout_keys(key),) if dropout_keys is not None else ()
+        model = nnx.merge(graphdef, params, *extra)
         objective, nll, z = model_loss_sums(model, batch, chunk_size=chunk_size, zigzag=zigzag, z_weight=z_loss)
         return objective / denom, (nll, z)  # objective = nll + z_loss * z; nll, z carry no gradient
 
@@ -127,29 +139,34 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 
     def step(state, batch):
         params = state["params"]
+        trainable, frozen = lora_lib.partition(params, trainable_path)
+        rng, step_key = jax.random.split(state["rng"])
         batch = {k: batch[k] for k in BATCH_KEYS if k in batch}
         denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         if accum == 1:
-            (_, (nll, z)), grads = grad_fn(params, batch, denom)
+            (_, (nll, z)), grads = grad_fn(trainable, frozen, batch, denom, step_key)
         else:
             b = batch["input_ids"].shape[0]
             # microbatch i = rows i, i + accum, ...: every device keeps its own rows
             micro = jax.tree.map(lambda x: x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
-            def body(carry, mb):
+            def body(carry, xs):
                 g_acc, nll_acc, z_acc = carry
+                mb, i = xs
                 mb = {k: sh.constrain(v, ("batch", "length")) for k, v in mb.items()}
-                (_, (nll, z)), g = grad_fn(params, mb, denom)
+                (_, (nll, z)), g = grad_fn(trainable, frozen, mb, denom, jax.random.fold_in(step_key, i))
                 return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, z_acc + z), None
 
             zero = jnp.zeros((), jnp.float32)
-            g0 = jax.tree.map(jnp.zeros_like, params)
-            (grads, nll, z), _ = jax.lax.scan(body, (g0, zero, zero), micro)
+            g0 = jax.tree.map(jnp.zeros_like, trainable)
+            (grads, nll, z), _ = jax.lax.scan(body, (g0, zero, zero), (micro, jnp.arange(accum)))
+        # frozen leaves: zero gradients that nothing reads (the optimizer gives them no state)
+        grads = lora_lib.combine(grads, jax.tree.map(jnp.zeros_like, frozen))
         grad_norm = optax.global_norm(apply_freeze(grads, freeze))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        new_params = jax.tree.map(lambda n, p: n.astype(p.dtype), new_params, params)
-        rng, _ = jax.random.split(state["rng"])
+        new_trainable = optax.apply_updates(trainable, lora_lib.partition(updates, trainable_path)[0])
+        new_trainable = jax.tree.map(lambda n, p: n.astype(p.dtype), new_trainable, trainable)
+        new_params = lora_lib.combine(new_trainable, frozen)
         new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
         metrics = {"loss": nll / denom, "z_loss": z / denom, "grad_norm": grad_norm,
                    "learning_rate": schedule(state["step"]), "loss_tokens": denom}

@@ -1,0 +1,223 @@
+"""LoRA fine-tuning speed and memory on one GPU: our train step vs transformers + PEFT, same shapes, same run.
+
+    python benchmarks/lora_speed.py                      # Qwen2-7B, rank 16 on all projections, bf16 base, 4096 x 1
+    python benchmarks/lora_speed.py --shapes tiny:128x2 --variants xla/none/noscan/64 --skip_torch --steps 2 --blocks 1
+
+Both frameworks train the same thing on random tokens: a randomly initialised model whose
+weights are stored in bf16 and frozen, LoRA adapters of rank --rank (alpha = 2 * rank, no
+dropout) on q/k/v/o/gate/up/down_proj kept in float32, AdamW on the adapters only, bf16 compute.
+
+* ours: `qwen_jax.trainer` step with `config.lora` (base not differentiated, no optimizer state
+  for it), attention / remat / scan / loss chunk from --variants (as benchmarks/train_throughput.py);
+* theirs: `transformers.Qwen2ForCausalLM` in bf16 with SDPA + `peft.get_peft_model(LoraConfig(...))`
+  (PEFT keeps the adapters in float32), bf16 autocast, `torch.optim.AdamW(fused=True)` on the
+  trainable parameters, loss from `labels`; gradient checkpointing only if the plain run runs out
+  of memory (as a user would).
+
+Each (framework, shape, variant) runs in its own subprocess.  Step time = median over --blocks
+blocks of --steps back-to-back steps (one sync per block); peak device memory from the
+allocator (jax `memory_stats()['peak_bytes_in_use']`, torch `max_memory_allocated`), which
+includes the model.  Results: table on stdout, JSON in benchmarks/results/lora_speed.json (and --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import run_result_subprocess, torch_lm_step, torch_step_times  # noqa: E402  (benchmarks/ on sys.path)
+from train_throughput import (  # noqa: E402
+    DEFAULT_XLA_FLAGS,
+    PRESETS,
+    block_times,
+    parse_shape,
+    parse_variant,
+    run_steps,
+)
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_lora_step(preset: str, seq: int, batch: int, variant: str, rank: int, seed: int = 0):
+    """Our jitted LoRA train step on one device: `(step, state, batches, trainable parameter count)`."""
+    import jax
+    import numpy as np
+
+    from configs.base import get_config
+    from configs.model_presets import get_preset
+    from qwen_jax import lora as lora_lib
+    from qwen_jax import sharding
+    from qwen_jax.config import config_from_dict
+    from qwen_jax.trainer import optimizer as opt
+    from qwen_jax.trainer import train_step as ts
+
+    attention, remat, scan, chunk, _ = parse_variant(variant)
+    spec = lora_lib.LoraSpec(rank=rank, alpha=2.0 * rank, base_dtype="bfloat16")
+    cfg = config_from_dict(get_preset(preset), dtype="bfloat16", param_dtype="float32", attention=attention,
+                           remat=remat, scan_layers=scan)
+    cfg, _ = lora_lib.base_config(cfg, {}, spec)
+    mesh = sharding.make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+    c = get_config()
+    graphdef, abstract, p_sh = ts.param_shardings(cfg, mesh, spec)
+    params = ts.init_params(cfg, seed, lora_lib.base_only(p_sh))
+    params = lora_lib.add_adapters(params, cfg, spec, abstract, p_sh, seed)
+    freeze = lora_lib.freeze_base(opt.resolve_freeze(abstract), abstract, spec)
+    tx, sched = opt.make_optimizer(abstract, c.optimizer, 1000, freeze)
+    state_sh = ts.state_shardings(tx, abstract, p_sh, mesh)
+    state = ts.init_state(params, tx, seed, state_sh)
+    del params
+    keys = ("input_ids", "targets", "loss_mask")
+    batch_sh = ts.batch_shardings(mesh, batch, seq, keys=keys)
+    step = ts.make_train_step(graphdef, tx, sched, freeze, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
+                              chunk_size=chunk)
+    rng = np.random.default_rng(seed)
+
+    def make_batch():
+        ids = rng.integers(0, cfg.vocab_size, (batch, seq + 1), dtype=np.int32)
+        host = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
+        return {k: jax.device_put(v, batch_sh[k]) for k, v in host.items()}
+
+    return step, state, [make_batch() for _ in range(3)], freeze.summary(abstract)["trainable"]
+
+
+def worker_jax(preset, seq, batch, variant, steps, blocks, rank):
+    import jax
+
+    step, state, batches, trainable = build_lora_step(preset, seq, batch, variant, rank)
+    t0 = time.perf_counter()
+    state, m, _ = run_steps(step, state, batches, 1)
+    compile_s = time.perf_counter() - t0
+    state, m, _ = run_steps(step, state, batches, 2, timed=False)
+    state, m, synced = run_steps(step, state, batches, steps)
+    state, m, per_block = block_times(step, state, batches, steps, blocks)
+    stats = jax.devices()[0].memory_stats() or {}
+    return dict(step_s=statistics.median(per_block), step_s_blocks=per_block, step_s_synced=statistics.median(synced),
+                compile_s=compile_s, loss=float(m["loss"]), peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
+                trainable=trainable, device=jax.devices()[0].device_kind, jax=jax.__version__,
+                xla_flags=os.environ.get("XLA_FLAGS", ""))
+
+
+def worker_torch(preset, seq, batch, variant, steps, blocks, rank):
+    import peft
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from configs.model_presets import get_preset
+
+    hf = get_preset(preset)
+    torch.manual_seed(0)
+    config = Qwen2Config(**{k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype", "dtype")})
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16)
+    if variant == "ckpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                       target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
+    batches = [torch.randint(0, config.vocab_size, (batch, seq), device="cuda") for _ in range(3)]
+    synced, per_block, loss = torch_step_times(torch_lm_step(model, optimizer), batches, steps, blocks)
+    return dict(step_s=statistics.median(per_block), step_s_blocks=per_block, step_s_synced=statistics.median(synced),
+                loss=loss, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                trainable=model.get_nb_trainable_parameters()[0], device=torch.cuda.get_device_name(),
+                torch=torch.__version__, peft=peft.__version__)
+
+
+def run_worker(framework, shape, variant, args):
+    cmd = [sys.executable, __file__, "--worker", framework, "--shape", shape, "--variant", variant,
+           "--steps", str(args.steps), "--blocks", str(args.blocks), "--rank", str(args.rank)]
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("XLA_FLAGS", DEFAULT_XLA_FLAGS)
+    return run_result_subprocess(cmd, env, args.timeout, ROOT)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="7b:4096x1", help="comma-separated size:SEQxBATCH (train_throughput.py's)")
+    p.add_argument("--variants",
+                   default="cudnn/full/noscan/2048,cudnn/full/noscan/1024,cudnn/dots_no_batch/noscan/2048",
+                   help="comma-separated attention/remat/scan|noscan/loss_chunk")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=8, help="steps per timed block (and synced steps)")
+    p.add_argument("--blocks", type=int, default=3, help="timed blocks of back-to-back steps")
+    p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--skip_torch", action="store_true")
+    p.add_argument("--worker", choices=["jax", "torch"])
+    p.add_argument("--shape")
+    p.add_argument("--variant", default="")
+    p.add_argument("--out", default=os.environ.get("OUT", ""))
+    args = p.parse_args()
+    for flag in ("steps", "blocks", "rank"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.worker:
+        preset, seq, batch = parse_shape(args.shape)
+        fn = worker_jax if args.worker == "jax" else worker_torch
+        result = fn(preset, seq, batch, args.variant, args.steps, args.blocks, args.rank)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    from configs.model_presets import PRESETS as MODEL_PRESETS
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    try:
+        for v in variants:
+            parse_variant(v)
+    except ValueError as e:
+        p.error(str(e))
+    for shape in shapes:
+        if parse_shape(shape)[0] not in MODEL_PRESETS:
+            p.error(f"shape {shape!r}: unknown size (PRESETS keys: {', '.join(PRESETS)}, or a model preset name)")
+
+    rows = []
+    for shape in shapes:
+        _, seq, batch = parse_shape(shape)
+        theirs = None
+        if not args.skip_torch:
+            theirs = run_worker("torch", shape, "plain", args)
+            variant = "plain"
+            if theirs.get("error") == "out of memory":
+                theirs, variant = run_worker("torch", shape, "ckpt", args), "grad ckpt"
+            rows.append({"framework": "peft", "shape": shape, "variant": variant, **theirs})
+            print(json.dumps(rows[-1]), flush=True)
+        for variant in variants:
+            rows.append({"framework": "qwen_jax", "shape": shape, "variant": variant,
+                         **run_worker("jax", shape, variant, args)})
+            print(json.dumps(rows[-1]), flush=True)
+        for r in rows:
+            if r["shape"] == shape and "error" not in r:
+                r["tokens_per_s"] = seq * batch / r["step_s"]
+                if theirs and "error" not in theirs and r["framework"] == "qwen_jax":
+                    r["ratio"] = theirs["step_s"] / r["step_s"]
+    result = {"date": datetime.date.today().isoformat(), "rank": args.rank, "rows": rows}
+    for folder in filter(None, [os.path.join(ROOT, "benchmarks", "results"), args.out]):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "lora_speed.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    device = next((r.get("device") for r in rows if r.get("device")), "?")
+    print(f"\n{datetime.date.today()}  {device}  LoRA rank {args.rank}, all projections, bf16 frozen base")
+    print(f"{'shape':<14}{'framework':<10}{'variant':<30}{'tok/s':>9}{'step ms':>9}{'synced':>8}{'peak GiB':>9}"
+          f"{'trainable':>12}{'ours/peft':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['shape']:<14}{r['framework']:<10}{r['variant']:<30}  {r['error'][:60]}")
+            continue
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
+        print(f"{r['shape']:<14}{r['framework']:<10}{r['variant']:<30}{r['tokens_per_s']:>9.0f}"
+              f"{r['step_s'] * 1e3:>9.1f}{r['step_s_synced'] * 1e3:>8.1f}{r['peak_gib']:>9.2f}"
+              f"{r['trainable']:>12,}{ratio:>10}")
+
+
+if __name__ == "__main__":
+    main()

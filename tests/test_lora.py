@@ -1,0 +1,280 @@
+"""LoRA against peft: exported adapters and merged folders give peft's logits, PEFT adapters import, exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from hf_fixtures import hf_logits, make_hf_model, random_ids
+from transformers import AutoModelForCausalLM
+
+import qwen_jax
+from qwen_jax import checkpoint_format as cf
+from qwen_jax import lora as lora_lib
+from qwen_jax.config import load_hf_config
+from qwen_jax.trainer import optimizer as opt_lib
+from tests import train_launch as tl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_TOL = 1e-5  # torch vs torch (peft on the base vs the merged folder), float32
+JAX_TOL = 1e-4  # ours vs torch, as tests/test_model_parity.py
+
+
+def _peft():
+    peft = pytest.importorskip("peft")
+    return peft
+
+
+def _hf(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def _peft_logits(base_dir, adapter_dir, ids):
+    peft = _peft()
+    model = peft.PeftModel.from_pretrained(_hf(base_dir), adapter_dir).eval()
+    return hf_logits(model, ids)
+
+
+def _our_logits(cfg, spec, params, ids):
+    spec = dataclasses.replace(spec, dropout=0.0)  # evaluation: no dropout keys in the graph
+    graphdef = lora_lib.abstract_model(cfg, spec)[0]
+    model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+    return np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids, jnp.int32)))
+
+
+def _maxdiff(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("base"))
+    make_hf_model(folder, vocab_size=512)
+    return folder
+
+
+# ---------------------------------------------------------------- counts, optimizer state, layouts (in process)
+@pytest.mark.parametrize("modules", [None, ["q_proj", "v_proj"], ["o_proj", "down_proj"]])
+def test_trainable_counts_equal_peft(base, modules):
+    peft = _peft()
+    targets = lora_lib.DEFAULT_TARGETS if modules is None else lora_lib.peft_targets_regex(
+        {"target_modules": modules}, "test")
+    spec = lora_lib.LoraSpec(rank=4, alpha=8.0, targets=targets)
+    cfg = load_hf_config(base)
+    _, abstract, _ = lora_lib.abstract_model(cfg, spec)
+    abstract = nnx.to_pure_dict(abstract)
+    freeze = lora_lib.freeze_base(opt_lib.resolve_freeze(abstract), abstract, spec)
+    ours = freeze.summary(abstract)
+    all_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ref = peft.get_peft_model(_hf(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=modules or all_modules))
+    trainable, total = ref.get_nb_trainable_parameters()
+    assert ours["trainable"] == trainable and ours["total"] == total, (ours, trainable, total)
+
+
+def test_base_has_no_optimizer_state_and_bf16_base(base):
+    cfg = load_hf_config(base, param_dtype="bfloat16")
+    spec = lora_lib.LoraSpec(rank=4, alpha=8.0, base_dtype="bfloat16")
+    _, abstract, _ = lora_lib.abstract_model(cfg, spec)
+    abstract = nnx.to_pure_dict(abstract)
+    freeze = lora_lib.freeze_base(opt_lib.resolve_freeze(abstract), abstract, spec)
+    opt_cfg = type("O", (), dict(learning_rate=1e-3, warmup_steps=0, schedule="constant", min_lr_ratio=1.0, b1=0.9,
+                                 b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))
+    tx, _ = opt_lib.make_optimizer(abstract, opt_cfg, 10, freeze)
+    state = jax.eval_shape(tx.init, abstract)
+    moments = lora_lib.flatten(state.mu)
+    assert moments and all(lora_lib.is_adapter(p) for p in moments)
+    assert sorted(moments) == sorted(p for p in lora_lib.flatten(abstract) if lora_lib.is_adapter(p))
+    for path, leaf in lora_lib.flatten(abstract).items():
+        assert leaf.dtype == (jnp.float32 if lora_lib.is_adapter(path) else jnp.bfloat16), path
+
+
+def test_bad_settings_are_errors_naming_the_key(base):
+    cfg = load_hf_config(base)
+    with pytest.raises(lora_lib.LoraError, match="lora.targets"):
+        lora_lib.abstract_model(cfg, lora_lib.LoraSpec(rank=4, alpha=8.0, targets="norm"))
+    for key, value in (("rank", -1), ("dropout", 1.0), ("export", "zip"), ("base_dtype", "int8")):
+        with pytest.raises(lora_lib.LoraError, match=f"lora.{key}"):
+            lora_lib.spec_from_config({"rank": 4, key: value})
+    assert lora_lib.spec_from_config({"rank": 0}) is None
+
+
+def test_dropout_is_on_the_adapter_input_like_peft():
+    """With the same keep-mask, our delta equals PEFT's lora_B(lora_A(dropout(x))) * scale (mask on x, not on x A)."""
+    from qwen_jax.layers.linear import lora_delta
+
+    rng = np.random.default_rng(0)
+    x, a, b = rng.normal(size=(2, 5, 8)), rng.normal(size=(8, 3)), rng.normal(size=(3, 4, 2))
+    key = jax.random.key_data(jax.random.key(7))
+    ours = np.asarray(lora_delta(jnp.float32(x), jnp.float32(a), jnp.float32(b), scale=1.5, dtype=jnp.float32,
+                                 dropout=0.25, key=key))
+    keep = np.asarray(jax.random.bernoulli(jax.random.wrap_key_data(key), 0.75, x.shape))
+    torch_a, torch_b = torch.nn.Linear(8, 3, bias=False), torch.nn.Linear(3, 8, bias=False)
+    peft_a, peft_b = lora_lib.to_peft(a, b)
+    with torch.no_grad():
+        torch_a.weight.copy_(torch.as_tensor(peft_a))
+        torch_b.weight.copy_(torch.as_tensor(peft_b))
+        ref = torch_b(torch_a(torch.as_tensor(x * keep / 0.75, dtype=torch.float32))).numpy() * 1.5
+    np.testing.assert_allclose(ours.reshape(2, 5, 8), ref, rtol=1e-5, atol=1e-6)
+    plain = np.asarray(lora_delta(jnp.float32(x), jnp.float32(a), jnp.float32(b), scale=1.5, dtype=jnp.float32))
+    assert not np.allclose(ours, plain)  # the mask did something
+
+
+def test_dropout_keys_differ_per_layer_and_projection(base):
+    cfg = load_hf_config(base)
+    keys = lora_lib.dropout_key_fn(cfg, lora_lib.LoraSpec(rank=2, alpha=2.0, dropout=0.1))(jax.random.PRNGKey(3))
+    rows = [tuple(k) for leaf in lora_lib.flatten(keys).values() for k in np.asarray(leaf)]
+    assert len(rows) == 7 * cfg.num_hidden_layers == len(set(rows))
+
+
+@pytest.mark.slow
+def test_launch_with_bad_lora_targets_exits_2_naming_the_key(tmp_path):
+    workdir = tmp_path / "run"
+    result = tl.run(workdir, "--config.lora.rank=4", "--config.lora.targets=norm", devices=1, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "FATAL config error: config key 'lora.targets'" in result.stderr and "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+# ---------------------------------------------------------------- a PEFT adapter made by peft (non-zero B)
+@pytest.fixture(scope="module")
+def peft_adapter(base, tmp_path_factory):
+    peft = _peft()
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
+                                                                   "down_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(_hf(base), config)
+    folder = str(tmp_path_factory.mktemp("peft_adapter"))
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_import_peft_adapter_reproduces_peft_logits(base, peft_adapter, tmp_path):
+    ids = random_ids(2, 20, vocab=512)
+    ref = _peft_logits(base, peft_adapter, ids)
+    spec = lora_lib.spec_from_config({"rank": 0, "init_from": peft_adapter})
+    assert spec.rank == 4 and spec.scale == 3.0
+    cfg = load_hf_config(base)
+    _, abstract, _ = lora_lib.abstract_model(cfg, spec)
+    abstract = nnx.to_pure_dict(abstract)
+    base_params = nnx.to_pure_dict(nnx.state(qwen_jax.from_pretrained(base), nnx.Param))
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = lora_lib.add_adapters(base_params, cfg, spec, abstract, jax.tree.map(lambda _: dev, abstract), 0)
+    assert float(jnp.max(jnp.abs(params["layers"]["self_attn"]["q_proj"]["lora_b"]))) > 0
+    ours = _our_logits(cfg, spec, params, ids)
+    err = _maxdiff(ours, ref)
+    print(f"[lora] imported peft adapter: max |ours - peft| = {err:.2e}")
+    assert err <= JAX_TOL
+
+    # merged in memory (no adapters left): the same logits as the adapters applied on the fly
+    merged = lora_lib.merged_params(params, spec)
+    assert not any(lora_lib.is_adapter(p) for p in lora_lib.flatten(merged))
+    graphdef = nnx.split(nnx.eval_shape(lambda: qwen_jax.Qwen(cfg, rngs=nnx.Rngs(0))))[0]
+    plain = np.asarray(jax.jit(lambda m, x: m(x))(nnx.merge(graphdef, merged), jnp.asarray(ids, jnp.int32)))
+    assert _maxdiff(plain, ours) <= 1e-5
+
+    # qwen-convert merge-lora: the merged folder gives peft's logits too
+    out = str(tmp_path / "merged")
+    proc = subprocess.run([sys.executable, "-m", "tools.convert", "merge-lora", "--base", base, "--adapter",
+                           peft_adapter, "--out", out], cwd=ROOT, env=tl.env(1), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    err = _maxdiff(hf_logits(_hf(out), ids), ref)
+    print(f"[lora] merge-lora folder vs peft: max |diff| = {err:.2e}")
+    assert err <= TORCH_TOL
+    again = subprocess.run([sys.executable, "-m", "tools.convert", "merge-lora", "--base", base, "--adapter",
+                            peft_adapter, "--out", out], cwd=ROOT, env=tl.env(1), capture_output=True, text=True)
+    assert again.returncode == 1 and "error: " in again.stderr and "--overwrite" in again.stderr
+
+
+# ---------------------------------------------------------------- training runs (subprocesses)
+RUN_ARGS = [
+    "--config.lora.rank=4", "--config.lora.alpha=8", "--config.lora.dropout=0.1", "--config.grad_accum_steps=2",
+    "--config.total_steps=6", "--config.save_every=2", "--config.export_hf=true",
+    "--config.optimizer.learning_rate=1e-2",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("lora_run"))
+    result = tl.run(workdir, f"--config.model.init_from={base}", *RUN_ARGS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return workdir, tl.losses(workdir), result.stdout
+
+
+@pytest.mark.slow
+def test_exports_match_peft_and_ours_and_base_untouched(base, trained):
+    workdir, losses, stdout = trained
+    assert sorted(losses) == list(range(1, 7)) and "exported" in stdout
+    adapter, merged = os.path.join(workdir, "hf_adapter"), os.path.join(workdir, "hf_export")
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        assert json.load(f)["r"] == 4
+    ids = random_ids(2, 20, vocab=512)
+    ref = _peft_logits(base, adapter, ids)
+    err_merged = _maxdiff(hf_logits(_hf(merged), ids), ref)
+    ckpt = os.path.join(workdir, "checkpoints")
+    params = cf.restore_params(ckpt)
+    b = np.asarray(params["layers"]["self_attn"]["q_proj"]["lora_b"])
+    assert np.max(np.abs(b)) > 0  # trained: the adapter is not the identity
+    cfg = load_hf_config(ckpt)
+    spec = lora_lib.LoraSpec(rank=4, alpha=8.0)
+    err_ours = _maxdiff(_our_logits(cfg, spec, params, ids), ref)
+    err_base = _maxdiff(hf_logits(_hf(base), ids), ref)
+    print(f"[lora] merged vs peft {err_merged:.2e}; ours vs peft {err_ours:.2e}; (base vs peft {err_base:.2e})")
+    assert err_merged <= TORCH_TOL and err_ours <= JAX_TOL and err_base > 100 * JAX_TOL
+
+    # every parameter outside the adapters is bit-identical to the base after training
+    start = nnx.to_pure_dict(nnx.state(qwen_jax.from_pretrained(base), nnx.Param))
+    trained_flat = lora_lib.flatten(params)
+    for path, value in lora_lib.flatten(start).items():
+        np.testing.assert_array_equal(np.asarray(trained_flat[path]), np.asarray(value), err_msg=path)
+    assert {p for p in trained_flat if not lora_lib.is_adapter(p)} == set(lora_lib.flatten(start))
+
+
+@pytest.mark.slow
+def test_sigterm_resume_bit_equal_losses_and_exports(base, trained, tmp_path):
+    ref_dir, ref, _ = trained
+    workdir = str(tmp_path / "resumed")
+    args = (f"--config.model.init_from={base}", *RUN_ARGS)
+    proc = tl.launch(workdir, *args)
+    deadline = time.time() + 300
+    while max(tl.losses(workdir), default=0) < 3:
+        assert proc.poll() is None and time.time() < deadline, "first launch ended before step 3"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    stopped_at = max(tl.losses(workdir))
+    assert stopped_at < 6
+    result = tl.run(workdir, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from" in result.stdout
+    assert tl.losses(workdir) == ref  # bit-equal floats from metrics.jsonl
+    for name in ("hf_adapter/adapter_model.safetensors", "hf_export/model.safetensors"):
+        with open(os.path.join(workdir, name), "rb") as a, open(os.path.join(ref_dir, name), "rb") as b:
+            assert a.read() == b.read(), name
+
+
+@pytest.mark.slow
+def test_tensor_mesh_scan_remat_blockwise_train_the_same(base, trained, tmp_path):
+    """Tensor-parallel adapters (A sharded like the kernel's input, B like its output), scanned layers, full remat
+    and the blockwise kernel: the same per-step losses as the fsdp / unrolled / xla run (float tolerance)."""
+    _, ref, _ = trained
+    workdir = str(tmp_path / "tensor")
+    result = tl.run(workdir, f"--config.model.init_from={base}", *RUN_ARGS, "--config.mesh.fsdp=1",
+                    "--config.mesh.tensor=2", "--config.model.scan_layers=true", "--config.model.remat=full",
+                    "--config.model.attention=blockwise", "--config.lora.export=adapter")
+    assert result.returncode == 0, result.stdout + result.stderr
+    got = tl.losses(workdir)
+    np.testing.assert_allclose([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=2e-5)
+    assert os.path.isdir(os.path.join(workdir, "hf_adapter")) and not os.path.exists(
+        os.path.join(workdir, "hf_export"))
