@@ -188,7 +188,10 @@ class Qwen(nnx.Module):
         cfg = self.cfg
         positions = cache.positions(input_ids.shape[1])
         x = self.embed_tokens(input_ids)
-        rope = self._rope(positions, x.dtype)
+        if cfg.dca is None and cfg.rope_type == "dynamic":  # each row's own length, as generating it alone
+            rope = jax.tree.map(lambda a: a[:, 0], jax.vmap(lambda p: self._rope(p[None], x.dtype))(positions))
+        else:
+            rope = self._rope(positions, x.dtype)
         graphdef, state = nnx.split(self.layers)
         written = []
         for i in range(cfg.num_hidden_layers):
