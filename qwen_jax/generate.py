@@ -23,6 +23,7 @@ import types
 
 from qwen_jax.generation import generate, resolve_stop_ids, stream
 
+
 class UsageError(Exception):
     """Bad command-line input: printed as one `error: ...` line, exit code 2."""
 

@@ -126,8 +126,8 @@ def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temp
         tokens[row, prompt_slots - len(p):] = p
     graphdef, state = nnx.split(model)
     mesh = model_mesh(state)
-    cache = kv_cache.init_cache(model.cfg, prompt_slots - lengths, kv_cache.length_bucket(prompt_slots + max_new_tokens),
-                                mesh)
+    cache_slots = kv_cache.length_bucket(prompt_slots + max_new_tokens)
+    cache = kv_cache.init_cache(model.cfg, prompt_slots - lengths, cache_slots, mesh)
     key = jax.random.key(seed)
     knobs = dict(temperature=jnp.float32(max(temperature, 1e-6)), top_k=jnp.int32(top_k), top_p=jnp.float32(top_p),
                  greedy=temperature == 0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import jax
@@ -155,13 +154,13 @@ def test_stops_on_every_id_of_the_union(folders, tmp_path):
     assert len(firsts) >= 6
     a, b, c, d = (free[i] for i in firsts[2:6])  # first seen in this order
     shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
-    base_cfg = json.load(open(os.path.join(folder, "config.json")))
+    base_cfg = json.loads((tmp_path / "config.json").read_text())
 
     def write(gen_eos, cfg_eos, tok_eos):
-        json.dump({**base_cfg, "eos_token_id": cfg_eos}, open(tmp_path / "config.json", "w"))
-        json.dump({"eos_token_id": gen_eos}, open(tmp_path / "generation_config.json", "w"))
-        json.dump({"eos_token": "<stop>", "added_tokens_decoder": {str(tok_eos): {"content": "<stop>"}}},
-                  open(tmp_path / "tokenizer_config.json", "w"))
+        (tmp_path / "config.json").write_text(json.dumps({**base_cfg, "eos_token_id": cfg_eos}))
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": gen_eos}))
+        tok = {"eos_token": "<stop>", "added_tokens_decoder": {str(tok_eos): {"content": "<stop>"}}}
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok))
 
     # each source alone supplies the earliest stop id
     for gen_eos, cfg_eos, tok_eos, first in ([[d, a], c, d, a], [d, b, d, b], [d, d, c, c]):

@@ -37,7 +37,7 @@ def _reply(proc) -> tuple[str, str]:
     """(streamed text, stop line) of a one-prompt run."""
     assert proc.returncode == 0, proc.stderr
     text, _, stop = proc.stdout.rpartition("\n[stopped: ")
-    return text, stop
+    return text, stop.rstrip("\n")
 
 
 @pytest.mark.slow
