@@ -22,13 +22,11 @@ set in the model's config.json) shows per bucket.  Bad input: one line `error: .
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import jax
@@ -36,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen_jax.cli import Parser, UsageError, load_model, read_jsonl, write_atomic
 from qwen_jax.sharding import batch_sharding
 from qwen_jax.trainer.loss import logsumexp_one_pass, model_loss_sums
 
@@ -168,17 +167,8 @@ def evaluate_documents(model, documents: Iterable[Sequence[int]], *, seq_len: in
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-class UsageError(Exception):
-    """Bad command-line input: one `error: ...` line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m qwen_jax.evaluate", description="Loss and perplexity per position bucket.")
+def build_parser() -> Parser:
+    p = Parser(prog="python -m qwen_jax.evaluate", description="Loss and perplexity per position bucket.")
     p.add_argument("--model", required=True, help="Hugging Face folder or training checkpoints dir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--data", required=True, help='JSONL: {"text": ...} or {"input_ids": [...]} per line')
@@ -202,20 +192,9 @@ def parse_buckets(text: str) -> list[int]:
 
 
 def read_documents(path: str, tokenizer_dir: str, vocab_size: int) -> list[list[int]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except OSError as e:
-        raise UsageError(f"--data {path}: {e.strerror}") from None
     tok = None
     docs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--data {path} line {n}: invalid JSON ({e.msg})") from None
+    for n, record in read_jsonl(path, "--data"):
         if isinstance(record, dict) and isinstance(record.get("input_ids"), list):
             ids = record["input_ids"]
             if not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
@@ -247,26 +226,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str, obj) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def main(argv: list[str] | None = None) -> int:
-    from qwen_jax.config import ConfigError
-    from qwen_jax.hf_io import CheckpointError, load_model
-
     try:
         args = build_parser().parse_args(argv)
         edges = parse_buckets(args.buckets)
@@ -274,12 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("need --seq_len >= 2 and --batch_size >= 1")
         if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
             raise UsageError(f"--json {args.json}: its folder does not exist")
-        if not os.path.isdir(args.model):
-            raise UsageError(f"--model {args.model}: not a directory")
-        try:
-            model = load_model(args.model, args.step, dtype=args.dtype)
-        except (ConfigError, CheckpointError) as e:
-            raise UsageError(f"--model {args.model}: {e}") from None
+        model, _ = load_model(args.model, args.step, args.dtype, tokenizer=False)
         docs = read_documents(args.data, args.model, model.cfg.vocab_size)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -288,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update(model=os.path.abspath(args.model), data=os.path.abspath(args.data), seq_len=args.seq_len)
     print(format_table(report), flush=True)
     if args.json:
-        write_json_atomic(args.json, report)
+        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

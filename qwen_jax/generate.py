@@ -15,26 +15,15 @@ keeps working either way.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import types
 
+from qwen_jax.cli import Parser, UsageError, load_model, read_jsonl
 from qwen_jax.generation import generate, resolve_stop_ids, stream
 
 
-class UsageError(Exception):
-    """Bad command-line input: printed as one `error: ...` line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m qwen_jax.generate", description="Generate text with a Qwen model (KV cache).")
+def build_parser() -> Parser:
+    p = Parser(prog="python -m qwen_jax.generate", description="Generate text with a Qwen model (KV cache).")
     p.add_argument("--model", required=True, help="Hugging Face folder or training checkpoints dir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -53,19 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_prompts(path: str) -> list:
     """Prompts of a JSONL file: text (`prompt`) or chat messages (`messages`), in file order."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except OSError as e:
-        raise UsageError(f"--prompts {path}: {e.strerror}") from None
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--prompts {path} line {n}: invalid JSON ({e.msg})") from None
+    for n, record in read_jsonl(path, "--prompts"):
         if isinstance(record, dict) and isinstance(record.get("prompt"), str):
             out.append(record["prompt"])
         elif isinstance(record, dict) and isinstance(record.get("messages"), list):
@@ -106,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
             raise UsageError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-        model, tok = load_model_and_tokenizer(args.model, args.step, args.dtype)
+        model, tok = load_model(args.model, args.step, args.dtype, tokenizer=True)
         encoded = [encode_prompt(tok, p, chat=args.chat, system=args.system) for p in prompts]
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -129,24 +107,6 @@ def main(argv: list[str] | None = None) -> int:
         out.write(f"\n[stopped: {why}; {len(new)} new tokens]\n")
         out.flush()
     return 0
-
-
-def load_model_and_tokenizer(path: str, step: int | None, dtype: str):
-    """(model, tokenizer) of a Hugging Face folder or checkpoints dir; bad paths are `UsageError`s."""
-    from qwen_jax.config import ConfigError
-    from qwen_jax.data.tokenization import load_tokenizer
-    from qwen_jax.hf_io import CheckpointError, load_model
-
-    if not os.path.isdir(path):
-        raise UsageError(f"--model {path}: not a directory")
-    if not os.path.exists(os.path.join(path, "tokenizer.json")) and \
-            not os.path.exists(os.path.join(path, "tokenizer_config.json")):
-        raise UsageError(f"--model {path}: no tokenizer files (tokenizer.json) in the folder")
-    try:
-        model = load_model(path, step, dtype=dtype)
-    except (ConfigError, CheckpointError) as e:
-        raise UsageError(f"--model {path}: {e}") from None
-    return model, load_tokenizer(os.path.abspath(path))
 
 
 class _CallableModule(types.ModuleType):

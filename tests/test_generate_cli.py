@@ -144,3 +144,38 @@ def test_evaluate_cli_bad_input(chat_folder, tmp_path):
     proc = run("qwen_jax.evaluate", "--model", chat_folder[0], "--data", str(data), "--buckets", "0,8,4")
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --buckets '0,8,4': need increasing non-negative " \
         "integers"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_niah_prompt_layout(chat_folder, chat):
+    from qwen_jax.evals.niah import TASKS, build_prompt
+
+    tok = load_tokenizer(chat_folder[0])
+    for task in TASKS:
+        for depth in (0.0, 0.5, 1.0):
+            ids = build_prompt(tok, task, 300, depth, 12345, chat=chat)
+            assert len(ids) == 300
+            needle = tok.encode(TASKS[task][0].format(key=12345))
+            starts = [i for i in range(len(ids)) if ids[i:i + len(needle)] == needle]
+            assert len(starts) == 1
+            text = tok.decode(ids)
+            assert text.rstrip().endswith(TASKS[task][2]) and ("<|im_start|>user" in text) == chat
+    # the needle moves from the start of the filler to its end
+    first = build_prompt(tok, "passkey", 300, 0.0, 1, chat=False)
+    last = build_prompt(tok, "passkey", 300, 1.0, 1, chat=False)
+    assert first != last
+
+
+@pytest.mark.slow
+def test_niah_cli_writes_grid_and_heatmap(chat_folder, tmp_path):
+    out = tmp_path / "niah"
+    proc = run("qwen_jax.evals.niah", "--model", chat_folder[0], "--lengths", "64,128", "--depths", "0,1",
+               "--trials", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "niah.json").read_text())
+    assert np.asarray(result["accuracy"]).shape == (2, 2) and len(result["cells"]) == 4
+    assert all(len(c["replies"]) == 2 and len(set(c["keys"])) >= 1 for c in result["cells"])
+    assert (out / "niah.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert proc.stderr.count("niah passkey: length") == 4
+    bad = run("qwen_jax.evals.niah", "--model", chat_folder[0], "--depths", "0,2", "--out", str(out))
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --depths '0,2': depths are fractions in [0, 1]"
