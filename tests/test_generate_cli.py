@@ -87,21 +87,32 @@ def test_generate_cli_streams_and_says_why(chat_folder, tmp_path):
     (["--prompt", "x", "--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
     (["--prompt", "x", "--top_p", "0"], "0 < --top_p <= 1"),
 ])
-def test_generate_cli_bad_input(chat_folder, args, message):
-    proc = run("qwen_jax.generate", "--model", chat_folder[0], *args)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+def test_generate_cli_bad_input(chat_folder, capsys, args, message):
+    from qwen_jax.generate import main
+
+    assert main(["--model", chat_folder[0], *args]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], captured.err
+    assert captured.out == ""
 
 
-def test_generate_cli_bad_jsonl_and_model(chat_folder, tmp_path):
+def test_generate_cli_bad_jsonl_and_model(chat_folder, tmp_path, capsys):
+    from qwen_jax.generate import main
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
-    proc = run("qwen_jax.generate", "--model", chat_folder[0], "--prompts", str(bad))
-    assert proc.returncode == 2 and proc.stderr.strip() == \
+    assert main(["--model", chat_folder[0], "--prompts", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == \
         f'error: --prompts {bad} line 2: expected {{"prompt": text}} or {{"messages": [...]}}'
+    # a real process: exit code 2, one line, no traceback
     proc = run("qwen_jax.generate", "--model", str(tmp_path), "--prompt", "x")
-    assert proc.returncode == 2 and proc.stderr.startswith(f"error: --model {tmp_path}: no tokenizer files")
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: --model {tmp_path}: no tokenizer files " \
+        "(tokenizer.json) in the folder"
+    # the package attribute stays callable after the CLI module was imported
+    import qwen_jax
+
+    assert callable(qwen_jax.generate)
 
 
 @pytest.mark.slow
@@ -136,14 +147,16 @@ def test_evaluate_cli_buckets_equal_transformers(chat_folder, tmp_path):
     assert "perplexity" in proc.stdout.splitlines()[0] and proc.stdout.splitlines()[-1].split()[0] == "all"
 
 
-def test_evaluate_cli_bad_input(chat_folder, tmp_path):
+def test_evaluate_cli_bad_input(chat_folder, tmp_path, capsys):
+    from qwen_jax.evaluate import main
+
     data = tmp_path / "d.jsonl"
     data.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, -5]}\n')
-    proc = run("qwen_jax.evaluate", "--model", chat_folder[0], "--data", str(data))
-    assert proc.returncode == 2 and proc.stderr.startswith(f"error: --data {data} line 2: input_ids must be")
-    proc = run("qwen_jax.evaluate", "--model", chat_folder[0], "--data", str(data), "--buckets", "0,8,4")
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: --buckets '0,8,4': need increasing non-negative " \
-        "integers"
+    assert main(["--model", chat_folder[0], "--data", str(data)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --data {data} line 2: input_ids must be")
+    assert main(["--model", chat_folder[0], "--data", str(data), "--buckets", "0,8,4"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --buckets '0,8,4': need increasing non-negative integers"
+    assert not os.path.exists(tmp_path / "r.json")
 
 
 @pytest.mark.parametrize("chat", [False, True])
