@@ -1,8 +1,10 @@
-"""Check the linter against the shared reference configs (../shared/reference/qwen-configs), if present.
+"""Check the linter against a folder of reference configs one has locally (not part of the repository).
 
-Every `real/<model>/` folder must lint without a warning or an error; every `cases/<name>/` folder must get at
-least one of its expected rule ids at `min_severity` or above, and none of the `must_not_flag` rule ids.
-Skips (exit 0) when the reference folder is absent.  Usage: python benchmarks/check_reference.py [REF_DIR]
+Layout: `REF_DIR/real/<model>/` holds published configs (each must lint without a warning or an error);
+`REF_DIR/cases/<name>/` holds a broken config plus `expected.json` (`rule_ids`, `min_severity`, optional
+`must_not_flag`): each must get at least one of its rule ids at `min_severity` or above, and none of the
+`must_not_flag` ones.  Usage: python benchmarks/check_reference.py REF_DIR (or QWEN_REF_CONFIGS=REF_DIR).
+tests/test_lint_config.py runs it on a folder it builds.
 """
 
 from __future__ import annotations
@@ -16,15 +18,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tools.lint_config import _SEV_RANK, lint_folder  # noqa: E402
 
-DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "reference", "qwen-configs")
-
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    ref = argv[0] if argv else os.environ.get("QWEN_REF_CONFIGS", DEFAULT)
-    if not os.path.isdir(ref):
-        print(f"reference folder {ref} absent: skipped")
-        return 0
+    ref = argv[0] if argv else os.environ.get("QWEN_REF_CONFIGS", "")
+    if not ref or not os.path.isdir(ref):
+        print(f"error: reference folder {ref!r} is not a folder (usage: check_reference.py REF_DIR)", file=sys.stderr)
+        return 2
     ok = True
     for name in sorted(os.listdir(os.path.join(ref, "real"))):
         fs = lint_folder(os.path.join(ref, "real", name)).findings

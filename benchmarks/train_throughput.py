@@ -298,6 +298,10 @@ def _torch_train_times(hf: dict, cfg, seq, batch, variant, steps, blocks):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
+    if variant == "liger":  # Liger's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy, patched into transformers
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+        apply_liger_kernel_to_qwen2()
     config = Qwen2Config(**{k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype")})
     config._attn_implementation = "sdpa"
     model = Qwen2ForCausalLM(config).cuda()

@@ -7,7 +7,7 @@ jitted functions).  We read both spellings transformers has used for RoPE:
 * v4: top-level `rope_theta` + `rope_scaling` (kind under `rope_type` or legacy `type`);
 * v5: `rope_parameters` (one dict holding `rope_type`, `rope_theta`, ...).
 
-and normalise to the v5 shape with the v5 precedence rules (spec §2.2).  Sliding-window
+and normalise to the v5 shape with the v5 precedence rules (docs/long_context.md §RoPE-config).  Sliding-window
 layers are resolved exactly as transformers does (`use_sliding_window`,
 `max_window_layers`, v5 `layer_types`).
 """
@@ -189,16 +189,21 @@ def _normalise_dtype(name: Any) -> str:
 def normalise_rope(raw: Mapping, source: str = "config.json") -> tuple[float, dict]:
     """(rope_theta, v5-style rope dict without rope_theta) from a raw config dict.
 
-    Precedence follows transformers v5 `standardize_rope_params`: `rope_parameters` wins,
-    else legacy `rope_scaling`; `rope_type` wins over legacy `type`; `rope_theta` from the
-    dict, else top level, else 10000; for YaRN a *top-level*
-    `original_max_position_embeddings` overrides the dict's, and a missing one defaults to
-    `max_position_embeddings`.
+    Precedence is what transformers 5.x does (`RotaryEmbeddingConfigMixin.convert_rope_params_to_dict`:
+    `self.rope_parameters = rope_scaling or self.rope_parameters`): a non-empty `rope_scaling` replaces
+    `rope_parameters` entirely (the latter's `rope_theta` included), else `rope_parameters`; `rope_type`
+    wins over legacy `type`; `rope_theta` from the chosen dict, else top level, else 10000; for YaRN a
+    *top-level* `original_max_position_embeddings` overrides the dict's, and a missing one defaults to
+    `max_position_embeddings`.  A file holding both (and differing) is logged; qwen-lint reports it.
     """
-    params = raw.get("rope_parameters")
-    key = "rope_parameters"
-    if params is None:
-        params, key = raw.get("rope_scaling"), "rope_scaling"
+    scaling, parameters = raw.get("rope_scaling"), raw.get("rope_parameters")
+    if scaling:
+        params, key = scaling, "rope_scaling"
+        if parameters and parameters != scaling:
+            logging.warning("%s: both 'rope_scaling' and 'rope_parameters' are set and differ; using 'rope_scaling' "
+                        "as transformers 5.x does", source)
+    else:
+        params, key = parameters, "rope_parameters"
     if params is None:
         params = {}
     if not isinstance(params, Mapping):

@@ -1,6 +1,6 @@
 """Rotary position embeddings: inverse frequencies (default, linear, dynamic NTK, YaRN) and rotation.
 
-Follows `shared/spec/long-context.md` §1.3 and §3, which restates transformers'
+The math is in docs/long_context.md §RoPE, §Scaling and §YaRN; it follows transformers'
 `ROPE_INIT_FUNCTIONS` (v5 semantics: YaRN uses the explicit `factor`).  Conventions that
 matter for Hugging Face parity:
 
@@ -10,7 +10,7 @@ matter for Hugging Face parity:
 * cos/sin are cast to the activation dtype before rotating, as transformers does.
 
 Everything here is a pure function of a plain rope dict (`QwenConfig.rope`), so it can be
-tested against the numpy oracles without building a model.
+tested against transformers and float64 numpy values without building a model.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def yarn_correction_range(rope: dict, dim: int) -> tuple[float, float]:
-    """(low, high) pair indices of YaRN's ramp, spec §3.4 steps 1-2."""
+    """(low, high) pair indices of YaRN's ramp, docs/long_context.md §YaRN steps 1-2."""
     theta = rope["rope_theta"]
     original = rope["original_max_position_embeddings"]
     beta_fast = rope.get("beta_fast") or 32

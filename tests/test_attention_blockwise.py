@@ -1,6 +1,6 @@
 """Blockwise (online-softmax, recomputing custom_vjp) attention == dense reference attention.
 
-Reference: `qwen_jax.attention.reference.xla_attention` (spec §6.4).  Float32, relative error
+Reference: `qwen_jax.attention.reference.xla_attention` (docs/long_context.md §Checks).  Float32, relative error
 (max |a - b| / max |b|) <= 1e-5 for out, lse and the gradients dq, dk, dv.
 """
 

@@ -118,3 +118,51 @@ def test_unknown_rope_key_is_reported(caplog):
         cfg = config_from_dict({**SMALL, "rope_scaling": {"type": "linear", "factor": 2.0, "factr": 4.0}})
     assert cfg.rope == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     assert "ignoring unknown RoPE key(s) ['factr']" in caplog.text
+
+
+BOTH_ROPE_FORMS = {
+    "both": dict(rope_theta=1e6, rope_scaling={"rope_type": "linear", "factor": 2.0},
+                 rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5,
+                                  "original_max_position_embeddings": 1024}),
+    "scaling_has_theta": dict(rope_theta=1e6, rope_scaling={"rope_type": "yarn", "factor": 4.0, "rope_theta": 7e5,
+                                                            "original_max_position_embeddings": 1024},
+                              rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5}),
+    "no_top_level_theta": dict(rope_scaling={"type": "dynamic", "factor": 2.0},
+                               rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5}),
+    "scaling_null": dict(rope_theta=1e6, rope_scaling=None,
+                         rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5}),
+    "scaling_empty": dict(rope_theta=1e6, rope_scaling={},
+                          rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 5e5}),
+}
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("case", sorted(BOTH_ROPE_FORMS))
+def test_rope_scaling_and_rope_parameters_both_present_resolve_as_transformers(tmp_path, case, model_type):
+    """config.json with both keys: the same RoPE as transformers 5.x loading the same file (its inv_freq and
+    attention scaling, and the cos table at far positions)."""
+    import numpy as np
+    import torch
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    from qwen_jax import rope as R
+
+    raw = {**SMALL, "model_type": model_type, "max_position_embeddings": 4096, **BOTH_ROPE_FORMS[case]}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    hf = AutoConfig.from_pretrained(tmp_path)
+    ours = load_hf_config(str(tmp_path / "config.json"))
+    kind = hf.rope_parameters["rope_type"]
+    assert ours.rope["rope_type"] == kind and ours.rope_theta == hf.rope_parameters["rope_theta"]
+    if kind == "default":
+        ref, ref_scale = Qwen2RotaryEmbedding.compute_default_rope_parameters(hf)
+    else:
+        ref, ref_scale = ROPE_INIT_FUNCTIONS[kind](hf, None)
+    inv, scale = R.inv_freq_and_scaling(ours.rope, ours.head_dim, ours.max_position_embeddings)
+    np.testing.assert_allclose(inv, ref.numpy(), rtol=1e-6, atol=0)
+    assert abs(scale - ref_scale) <= 1e-12
+    positions = np.array([[0, 1, 100, 4095]])
+    cos_ref, _ = Qwen2RotaryEmbedding(hf)(torch.zeros(1, 4, ours.head_dim), torch.as_tensor(positions))
+    cos, _ = R.rope_tables(ours.rope, ours.head_dim, ours.max_position_embeddings, positions, np.float32)
+    np.testing.assert_allclose(np.asarray(cos), cos_ref.numpy(), atol=1e-5)

@@ -1,5 +1,5 @@
-"""Dual Chunk Attention (spec §4, vLLM semantics) against the spec's worked example and an
-independent float64 numpy dense oracle written here from the §4.2 / §4.6 formulas."""
+"""Dual Chunk Attention (vLLM semantics, docs/long_context.md §DCA) against the worked example of §DCA-example and
+an independent float64 numpy dense oracle written here from the §DCA-positions / §DCA-scaling formulas."""
 
 import math
 
@@ -25,7 +25,7 @@ from qwen_jax.rope import apply_rope, cos_sin, default_inv_freq
 
 THETA = 1e4
 
-# spec §4.8: chunk_size=8, local_size=2, T=20 (rows = query i, columns = key j, "." = masked)
+# docs/long_context.md §DCA-example: chunk_size=8, local_size=2, T=20 (rows = query i, columns = key j, "." = masked)
 SEEN_MATRIX = """
   0:  0  .  .  .  .  .  .  .  .  .  .  .  .  .  .  .  .  .  .  .
   1:  1  0  .  .  .  .  .  .  .  .  .  .  .  .  .  .  .  .  .  .
@@ -49,7 +49,7 @@ SEEN_MATRIX = """
  19:  8  7  6  5  4  3  8  7  6  5  4  3  7  6  5  4  3  2  1  0
 """
 
-# spec §4.8 selected pairs: (i, j) -> (branch, Pq, Pk, seen, true)
+# §DCA-example selected pairs: (i, j) -> (branch, Pq, Pk, seen, true)
 PAIRS = {
     (19, 19): ("intra", 1, 1, 0, 0), (19, 18): ("intra", 1, 0, 1, 1), (19, 17): ("succ", 7, 5, 2, 2),
     (19, 12): ("succ", 7, 0, 7, 7), (19, 11): ("inter", 8, 5, 3, 8), (19, 6): ("inter", 8, 0, 8, 13),
@@ -64,7 +64,7 @@ BRANCHES = ("intra", "succ", "inter")
 
 
 # ---------------------------------------------------------------------------------------------
-# independent numpy float64 oracle (spec §4.2 formulas, one softmax over the union of branches)
+# independent numpy float64 oracle (§DCA-positions formulas, one softmax over the union of branches)
 
 
 def np_rope(x, p, d):
@@ -121,7 +121,7 @@ def jax_both(q, k, v, pos, seg, chunk_size, local_size, original, d, block_size=
 
 
 # ---------------------------------------------------------------------------------------------
-# §4.8 worked example (integer, exact)
+# §DCA-example worked example (integer, exact)
 
 
 def test_worked_example_positions():
@@ -195,7 +195,7 @@ def test_short_sequence_is_plain_rope_attention(t, chunk_size, local_size):
 
 
 def test_length_scaling_constants():
-    """Spec §6.1 J (L0dca = 262144)."""
+    """σ of docs/long_context.md §DCA-scaling for L0 = 262144 (values in §Checks)."""
     assert dca_length_scale(262144, 262144) == 1.0
     assert dca_length_scale(100, 262144) == 1.0
     assert abs(dca_length_scale(300000, 262144) - 1.0134888503559323) < 1e-12

@@ -57,28 +57,24 @@ def test_generate_cli_streams_and_says_why(chat_folder, tmp_path):
         assert stop == "length (max_new_tokens=6); 6 new tokens]"
     assert text == tok.decode(want, skip_special_tokens=True)
 
-    # --chat --system: the chat template is applied; a stop id in generation_config.json ends the reply
+    # a training checkpoint dir (Orbax + side files), two prompts from JSONL: a text prompt under --chat and
+    # the same turn as messages; --system is added to both; a stop id of generation_config.json ends each reply
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     chat_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     free = qwen_jax.generate(model, [list(chat_ids)], max_new_tokens=8, stop_ids=[])[0]
     stop_id = free[2]
+    n = free.index(stop_id) + 1
     with open(os.path.join(folder, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": [stop_id, 151643]}, f)
-    text, stop = _reply(run("qwen_jax.generate", "--model", folder, "--prompt", "Hi", "--chat", "--system",
-                            "Be brief.", "--max_new_tokens", "8"))
-    n = free.index(stop_id) + 1
-    assert stop == f"stop id {stop_id} ({tok.convert_ids_to_tokens(stop_id)}); {n} new tokens]"
-    assert text == tok.decode(free[:n], skip_special_tokens=True)
-
-    # a training checkpoint dir (Orbax + side files) gives the same reply; --prompts JSONL, two prompts
     ckpt = convert.hf_to_orbax(folder, str(tmp_path / "ckpt"))
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"messages": messages[1:]}) + "\n\n" + json.dumps({"prompt": "Hello"}) + "\n")
-    proc = run("qwen_jax.generate", "--model", ckpt, "--step", "0", "--prompts", str(prompts), "--system",
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n\n" + json.dumps({"messages": messages[1:]}) + "\n")
+    proc = run("qwen_jax.generate", "--model", ckpt, "--step", "0", "--prompts", str(prompts), "--chat", "--system",
                "Be brief.", "--max_new_tokens", "8")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("=== prompt 1/2 ===\n" + tok.decode(free[:n], skip_special_tokens=True))
-    assert "=== prompt 2/2 ===" in proc.stdout and proc.stdout.count("[stopped: ") == 2
+    reply = tok.decode(free[:n], skip_special_tokens=True)
+    stop = f"[stopped: stop id {stop_id} ({tok.convert_ids_to_tokens(stop_id)}); {n} new tokens]"
+    assert proc.stdout == "".join(f"=== prompt {i}/2 ===\n{reply}\n{stop}\n" for i in (1, 2))
 
 
 @pytest.mark.parametrize("args, message", [

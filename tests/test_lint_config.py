@@ -199,9 +199,21 @@ BROKEN = [
                           rope_scaling={"rope_type": "linear", "factor": 4.0}), None, "QL-ROPE-10", "warning"),
     ("v4-v5-disagree", dict(INSTRUCT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), None,
      "QL-ROPE-11", "warning"),
+    ("both-rope-blocks-differ", dict(INSTRUCT, max_position_embeddings=131072, rope_scaling=YARN,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1e6}), None,
+     "QL-ROPE-11", "warning"),
+    ("both-rope-blocks-agree", dict(INSTRUCT, max_position_embeddings=131072, rope_scaling=YARN,
+                                    rope_parameters=dict(YARN, rope_theta=1e6)), None, "QL-ROPE-11", "info"),
     ("yarn-no-factor", dict(INSTRUCT, rope_scaling={"rope_type": "yarn", "original_max_position_embeddings": 32768}),
      None, "QL-ROPE-12", "error"),
     ("instruct-131072-static", dict(INSTRUCT, max_position_embeddings=131072), None, "QL-CTX-01", "warning"),
+    ("1m-dca-deleted", dict(INSTRUCT, max_position_embeddings=1010000, rope_theta=1e7), None, "QL-CTX-02", "error"),
+    ("qwen2-base-262144-plain", dict(BASE, max_position_embeddings=262144), None, "QL-CTX-02", "error"),
+    ("qwen3-1m-plain", dict(QWEN3, max_position_embeddings=1048576, rope_theta=5e6), None, "QL-CTX-02", "error"),
+    ("mpe-beyond-2**53-yarn", dict(INSTRUCT, max_position_embeddings=10 ** 400, rope_scaling=YARN), None,
+     "QL-JSON-03", "error"),
+    ("factor-beyond-2**53", dict(INSTRUCT, rope_scaling=dict(YARN, factor=10 ** 30)), None, "QL-JSON-03", "error"),
+    ("bos-eos-swapped", dict(INSTRUCT, bos_token_id=151645, eos_token_id=151643), None, "QL-TOK-02", "error"),
     ("dca-no-chunk", dict(INSTRUCT, max_position_embeddings=1010000, rope_theta=1e7,
                           dual_chunk_attention_config={"local_size": 8192}), None, "QL-DCA-01", "error"),
     ("dca-local-ge-chunk", dict(INSTRUCT, max_position_embeddings=1010000, rope_theta=1e7,
@@ -461,15 +473,65 @@ def test_entry_points_without_heavy_imports(tmp_path):
     assert os.access(SCRIPT, os.X_OK) and SCRIPT.read_text().startswith("#!/usr/bin/env python3\n")
 
 
-REFERENCE = ROOT.parent / "shared" / "reference" / "qwen-configs"
-
-
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason="shared reference configs not available")
-def test_reference_configs_when_available():
-    """Published configs lint without warnings; each broken case gets its expected rule (read-only, not copied)."""
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_reference.py"), str(REFERENCE)],
-                       capture_output=True, text=True, timeout=120)
+def test_check_reference_script_on_own_fixtures(tmp_path):
+    """benchmarks/check_reference.py (for a folder of published configs one has locally) on a folder built here:
+    a release-style config is clean, a broken case gets its expected rule, a miss is reported."""
+    ref = tmp_path / "ref"
+    make(ref / "real" / "Qwen2.5-7B-Instruct-like", INSTRUCT, INSTRUCT_GEN)
+    make(ref / "cases" / "1m-dca-deleted", dict(INSTRUCT, max_position_embeddings=1010000, rope_theta=1e7))
+    (ref / "cases" / "1m-dca-deleted" / "expected.json").write_text(
+        json.dumps({"rule_ids": ["QL-CTX-02"], "min_severity": "error"}))
+    script = ROOT / "benchmarks" / "check_reference.py"
+    p = subprocess.run([sys.executable, str(script), str(ref)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "ALL OK" in p.stdout, p.stdout + p.stderr
+    (ref / "cases" / "1m-dca-deleted" / "expected.json").write_text(json.dumps({"rule_ids": ["QL-DCA-01"]}))
+    p = subprocess.run([sys.executable, str(script), str(ref)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "MISS" in p.stdout
+
+
+def test_rope_precedence_message_names_the_block_transformers_uses(tmp_path):
+    make(tmp_path, dict(INSTRUCT, max_position_embeddings=131072, rope_scaling=YARN,
+                        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}))
+    (f,) = [f for f in findings(tmp_path) if f.rule == "QL-ROPE-11"]
+    assert "transformers 5.x uses rope_scaling" in f.message and '"yarn" x4 vs "linear" x2' in f.message
+    assert "theta 1000000 vs 500000" in f.message and f.key == "rope_parameters"
+
+
+def test_released_long_windows_are_not_ctx02(tmp_path):
+    """Qwen3-2507 (262144 native, theta 5e6) and a 1M model with its DCA block are not beyond their window."""
+    make(tmp_path / "a", dict(QWEN3, max_position_embeddings=262144, rope_theta=5e6))
+    make(tmp_path / "b", dict(INSTRUCT, max_position_embeddings=1010000, rope_theta=1e7, dual_chunk_attention_config={
+        "chunk_size": 262144, "local_size": 8192, "original_max_position_embeddings": 262144}))
+    make(tmp_path / "c", dict(INSTRUCT, max_position_embeddings=1010000, rope_theta=1e7))
+    assert not {r for r, _ in rules(tmp_path / "a")} & {"QL-CTX-01", "QL-CTX-02"}
+    assert not {r for r, _ in rules(tmp_path / "b")} & {"QL-CTX-01", "QL-CTX-02"}
+    (f,) = [f for f in findings(tmp_path / "c") if f.rule == "QL-CTX-02"]
+    assert "dual_chunk_attention_config was removed" in f.message and f.key == "max_position_embeddings"
+
+
+@pytest.mark.parametrize("text", [
+    # rope_theta 1e309: Python's json reads Infinity
+    json.dumps(INSTRUCT).replace('"rope_theta": 1000000.0', '"rope_theta": 1e309'),
+    json.dumps(dict(INSTRUCT, rope_parameters={"rope_type": "default"})).replace(
+        '"rope_type": "default"', '"rope_type": "default", "rope_theta": 1e309'),
+    json.dumps(dict(INSTRUCT, max_position_embeddings=10 ** 400, rope_scaling=YARN)),
+    json.dumps(dict(INSTRUCT, rope_theta=10 ** 400, max_position_embeddings=131072, rope_scaling=dict(
+        YARN, original_max_position_embeddings=10 ** 400))),
+    json.dumps(dict(INSTRUCT, max_position_embeddings=-(10 ** 400), dual_chunk_attention_config={
+        "chunk_size": 10 ** 400, "local_size": 8192, "original_max_position_embeddings": 10 ** 400})),
+])
+def test_huge_numbers_are_findings_not_crashes(tmp_path, text):
+    make(tmp_path, raw={"config.json": text})
+    got = findings(tmp_path)
+    assert any(f.rule == "QL-JSON-03" and f.severity == "error" for f in got)
+    if "1e309" in text:
+        assert any("Infinity" in f.message for f in got if f.rule == "QL-JSON-03")
+    code, out = run([tmp_path])
+    assert code == 1 and "internal error" not in out
+    if "10000000000" in text:
+        assert "out of range" in out
+    code, _ = run(["--fix", tmp_path])
+    assert code == 1
 
 
 def test_rule_table_documented():
@@ -483,6 +545,28 @@ def test_rule_table_documented():
 # ------------------------------------------------------------------------------------------------------------------
 # --fix
 # ------------------------------------------------------------------------------------------------------------------
+
+
+FIXABLE = [(case, config, gen) for case, config, gen, *_ in BROKEN] + [
+    ("legacy-type-and-mpe", dict(INSTRUCT, rope_scaling={"type": "yarn", "factor": 4.0}), None),
+    ("legacy-type-original-40960", dict(QWEN3, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                             "original_max_position_embeddings": 40960}),
+     {"eos_token_id": 151643}),
+    ("gen-and-config-eos", dict(INSTRUCT, eos_token_id=151643, _name_or_path="Qwen2.5-7B-Instruct",
+                                sliding_window=4096, rope_scaling={"type": "yarn", "factor": 4.0}),
+     {"bos_token_id": 151643}),
+]
+
+
+@pytest.mark.parametrize("case,config,gen", FIXABLE, ids=[c[0] for c in FIXABLE])
+def test_fix_reaches_the_fixed_point_in_one_pass(tmp_path, case, config, gen):
+    make(tmp_path, config, gen)
+    run(["--fix", tmp_path])
+    once = {n: (tmp_path / n).read_text() for n in os.listdir(tmp_path) if n.endswith(".json")}
+    code, out = run(["--fix", tmp_path])
+    twice = {n: (tmp_path / n).read_text() for n in os.listdir(tmp_path) if n.endswith(".json")}
+    assert twice == once and "+++" not in out, out
+    assert not any(f.edit for f in findings(tmp_path))  # nothing fixable is left
 
 
 def test_fix_adds_im_end_to_generation_eos(tmp_path):

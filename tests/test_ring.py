@@ -1,7 +1,7 @@
 """Ring attention (shard_map over the `seq` axis of the 8 virtual CPU devices) == dense reference.
 
 Forward and gradients (dq, dk, dv) against `reference.xla_attention`, float32, relative error
-<= 1e-5 (spec §6.4); zig-zag permutation (§5.4) and work balance (§5.3).
+<= 1e-5 (docs/long_context.md §Checks); zig-zag permutation and work balance (§Zigzag).
 """
 
 import jax
@@ -62,7 +62,7 @@ def seq_mesh(n):
 # permutation and balance
 
 
-def test_zigzag_permutation_spec_example():
+def test_zigzag_permutation_example():
     perm = zigzag_permutation(32, 4)
     per_dev = perm.reshape(4, 8)
     assert per_dev[0].tolist() == [0, 1, 2, 3, 28, 29, 30, 31]
@@ -79,7 +79,7 @@ def test_zigzag_permutation_spec_example():
 
 
 def test_zigzag_positions_are_permuted_with_tokens():
-    """RoPE positions must be the original positions of the permuted tokens (spec §5.4, §7.10)."""
+    """RoPE positions must be the original positions of the permuted tokens (docs/long_context.md §Zigzag)."""
     n, t = 4, 32
     tokens = np.arange(100, 100 + t)[None]
     positions = np.arange(t)[None]
@@ -106,7 +106,7 @@ def test_zigzag_positions_are_permuted_with_tokens():
     assert rel_err(bad, want) > 1e-2
 
 
-def test_work_balance_spec_numbers():
+def test_work_balance_numbers():
     assert work_per_device(32, 4, "contiguous") == [36, 100, 164, 228]
     assert work_per_device(32, 4, "zigzag") == [132, 132, 132, 132]
     # pairs the ring actually evaluates (half-block steps for zigzag, skipped blocks for contiguous)

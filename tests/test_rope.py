@@ -1,4 +1,5 @@
-"""RoPE tables against transformers' ROPE_INIT_FUNCTIONS / Qwen2RotaryEmbedding and the spec's numpy oracles (§6.1)."""
+"""RoPE tables against transformers' ROPE_INIT_FUNCTIONS / Qwen2RotaryEmbedding and float64 values of the
+formulas (docs/long_context.md §Scaling, §YaRN; the values are listed in §Checks)."""
 
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def test_rotation_matches_transformers_apply_rotary_pos_emb():
     np.testing.assert_allclose(ours_q, ref_q.transpose(1, 2).numpy(), rtol=1e-6, atol=1e-6)
 
 
-# ---- spec §6.1 oracles (numpy float64 values from long-context.md) ----
+# ---- float64 values of the formulas in docs/long_context.md §Scaling / §YaRN (recomputed in numpy) ----
 def test_oracle_default_theta_1e6():
     inv = R.default_inv_freq(1e6, 128)
     expected = {0: 1.0, 1: 8.0584218776e-01, 10: 1.1547819847e-01, 23: 6.9783058486e-03, 32: 1.0e-03,

@@ -4,7 +4,8 @@
 Reads ``config.json``, ``generation_config.json`` and ``tokenizer_config.json`` (plus the chat template and the
 head of ``tokenizer.json`` where present) and reports the mismatches that make a checkpoint misbehave at run time:
 RoPE / YaRN / DCA / sliding-window settings, the effective stop-token set, special-token ids and the vocabulary
-size.  The rules follow how transformers (v4 and v5) and vLLM read these files.
+size.  The rules follow how transformers (v4 and v5) and vLLM read these files; the RoPE / YaRN / DCA math is in
+docs/long_context.md (§RoPE-config, §YaRN, §DCA).
 
 Standard library only, and runnable as a plain file (``tools/lint_config.py``), as a module
 (``python -m tools.lint_config``) or as the ``qwen-lint`` console script, so the pre-commit hook stays fast.
@@ -62,7 +63,8 @@ RULES = {
                    "Python keeps the last value, other parsers the first or reject: runtimes disagree"),
     "QL-JSON-02": ("error", "invalid JSON (with line and column), not UTF-8, or top level not an object",
                    "the checkpoint does not load at all"),
-    "QL-JSON-03": ("error", "a known key has the wrong type (string number, float layer count, bool as string...)",
+    "QL-JSON-03": ("error", "a known key has the wrong type (string number, float layer count, bool as string...) "
+                   "or a number out of range (Infinity, beyond 2**53)",
                    "TypeError at load, or a silently wrong value"),
     "QL-JSON-04": ("warning", "NaN / Infinity literal", "rejected by strict JSON parsers (Rust, JS, Go)"),
     "QL-ROPE-01": ("error/info", "rope_theta missing, or unusual for a Qwen model (10000 with a long context)",
@@ -83,14 +85,17 @@ RULES = {
     "QL-ROPE-09": ("error", "unknown rope type", "model construction fails (no RoPE init function)"),
     "QL-ROPE-10": ("warning", "linear/dynamic scaling with max_position_embeddings already multiplied",
                    "scaling applied twice: vLLM allows factor^2 x context, dynamic NTK starts too late"),
-    "QL-ROPE-11": ("warning", "v4 rope_scaling/rope_theta and v5 rope_parameters (or a top-level "
-                   "original_max_position_embeddings) disagree",
-                   "transformers v4 and v5 build different RoPE from the same folder"),
+    "QL-ROPE-11": ("warning/info", "both rope_scaling and rope_parameters (transformers 5.x uses rope_scaling), "
+                   "or v4 rope_theta / a top-level original_max_position_embeddings disagreeing with the v5 block",
+                   "transformers v4, v5 and v5-form readers build different RoPE from the same folder"),
     "QL-ROPE-12": ("error", "scaling block without `factor`", "KeyError when the rotary embedding is built"),
     "QL-ROPE-13": ("info", "RoPE only in the v5 `rope_parameters` form",
                    "transformers < 5 and older runtimes ignore it (theta 10000, no scaling)"),
     "QL-CTX-01": ("warning", "context longer than the trained window with static RoPE and no scaling",
                   "garbage output past the trained length (chat models are tuned at 32768)"),
+    "QL-CTX-02": ("error", "context far beyond any released Qwen window (Qwen2/2.5 131072, Qwen3 262144) with "
+                  "plain RoPE: neither rope scaling nor dual_chunk_attention_config",
+                  "garbage past the trained length (e.g. a 1M model whose DCA block was deleted)"),
     "QL-DCA-01": ("error/info", "malformed dual_chunk_attention_config",
                   "vLLM fails to build the DCA rotary embedding / chunking"),
     "QL-DCA-02": ("error", "DCA combined with rope scaling",
@@ -293,12 +298,22 @@ class _Scanner:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# Beyond 2**53 a JSON number is no longer exact in the float64 that most readers use, and int64 loaders overflow
+# soon after; no config value comes near it.  Larger numbers (and Infinity) are "out of range": QL-JSON-03.
+MAX_JSON_NUMBER = 2 ** 53
+
+
 def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, int) and not isinstance(v, bool) and abs(v) <= MAX_JSON_NUMBER
 
 
 def _is_num(v):
-    return (_is_int(v) or isinstance(v, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v) and abs(v) <= MAX_JSON_NUMBER
+
+
+def _out_of_range(v):
+    """A number (not a bool) that the rules cannot compute with: Infinity/NaN or beyond MAX_JSON_NUMBER."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and not _is_num(v)
 
 
 def _ids(v):
@@ -563,17 +578,27 @@ def _check_types(folder, name, base, obj, schema, required=False):
             continue
         v = obj[key]
         if not _type_ok(kind, v):
-            shown = json.dumps(v)
+            big = isinstance(v, int) and abs(v) >= 10 ** 30
+            shown = f"a {len(str(abs(v)))}-digit number" if big else json.dumps(v)
             if len(shown) > 40:
                 shown = shown[:37] + "..."
+            dotted = ".".join(base + (key,))
+            if _out_of_range(v) and (isinstance(v, int) or math.isfinite(v)):
+                folder.add("QL-JSON-03", ERROR, name, base + (key,),
+                           f"{dotted} is {shown}: out of range (beyond 2**53 no JSON reader holds it exactly; "
+                           "float64 overflows at 1.8e308, int64 at 9.2e18): loaders crash or misread it",
+                           "write the intended value")
+                continue
             folder.add("QL-JSON-03", ERROR, name, base + (key,),
-                       f"{'.'.join(base + (key,))} is {shown}, expected {_KIND_WORDS[kind.rstrip('?')]}"
+                       f"{dotted} is {shown}, expected {_KIND_WORDS[kind.rstrip('?')]}"
                        f"{' or null' if kind.endswith('?') else ''}: loaders crash or misread it",
                        "write the value with the right JSON type")
 
 
 def _rope_view(cfg):
-    """(source key, params dict or None, theta or None, theta path) following transformers v5 precedence."""
+    """(source key, params dict or None, theta or None, theta path) as transformers 5.x resolves them
+    (``convert_rope_params_to_dict``: ``rope_parameters = rope_scaling or rope_parameters``): a non-empty
+    rope_scaling replaces rope_parameters entirely; theta from the chosen block, else the top level."""
     rs, rp = cfg.get("rope_scaling"), cfg.get("rope_parameters")
     if isinstance(rs, dict) and rs:
         src, params = "rope_scaling", rs
@@ -581,14 +606,11 @@ def _rope_view(cfg):
         src, params = "rope_parameters", rp
     else:
         src, params = None, None
-    theta, tpath = None, None
-    if isinstance(rp, dict) and "rope_theta" in rp:
-        theta, tpath = rp["rope_theta"], ("rope_parameters", "rope_theta")
-    elif src == "rope_scaling" and "rope_theta" in rs:
-        theta, tpath = rs["rope_theta"], ("rope_scaling", "rope_theta")
-    elif "rope_theta" in cfg:
-        theta, tpath = cfg["rope_theta"], ("rope_theta",)
-    return src, params, theta, tpath
+    if params is not None and "rope_theta" in params:
+        return src, params, params["rope_theta"], (src, "rope_theta")
+    if "rope_theta" in cfg:
+        return src, params, cfg["rope_theta"], ("rope_theta",)
+    return src, params, None, None
 
 
 def check_rope(ctx):
@@ -622,7 +644,9 @@ def check_rope(ctx):
                   "check against the base checkpoint")
     # --- v4 / v5 forms
     rs, rp = cfg.get("rope_scaling"), cfg.get("rope_parameters")
-    if isinstance(rp, dict) and ("rope_theta" in cfg or isinstance(rs, dict)):
+    if isinstance(rp, dict) and rp and isinstance(rs, dict) and rs:
+        _check_both_rope_blocks(ctx, rs, rp)
+    elif isinstance(rp, dict) and "rope_theta" in cfg:
         top_theta = cfg.get("rope_theta")
         if "rope_theta" in rp and _is_num(top_theta) and _is_num(rp["rope_theta"]) and \
                 not math.isclose(top_theta, rp["rope_theta"]):
@@ -630,16 +654,14 @@ def check_rope(ctx):
                   f"rope_parameters.rope_theta {_fmt_num(rp['rope_theta'])} != rope_theta {_fmt_num(top_theta)}: "
                   "transformers v4 reads the top-level value, v5 the rope_parameters one",
                   "keep one value in both places")
-        if isinstance(rs, dict) and rs and _norm_rope(rs) != _norm_rope(rp):
-            f.add("QL-ROPE-11", WARNING, CONFIG, ("rope_parameters",),
-                  "rope_scaling and rope_parameters describe different scaling: transformers v5 uses rope_scaling, "
-                  "v5-only readers rope_parameters", "keep only one of the two blocks")
     elif isinstance(rp, dict) and qwen and "rope_theta" not in cfg:
         f.add("QL-ROPE-13", INFO, CONFIG, ("rope_parameters",),
               "RoPE is given only as v5 rope_parameters: transformers < 5 and older runtimes ignore it "
               "(theta 10000, no scaling)", 'also write top-level "rope_theta" for older loaders')
+    plain = p is None or p.get("rope_type", p.get("type")) in ("default", "mrope", None)
+    beyond = qwen and dca is None and bool(mpe) and plain and _check_trained_window(ctx, mpe, theta)
     if p is None:
-        if qwen and dca is None and theta is not None and _is_num(theta) and math.isclose(theta, 1e6) and mpe:
+        if not beyond and qwen and dca is None and _is_num(theta) and math.isclose(theta, 1e6) and mpe:
             limit = CHAT_CONTEXT if ctx.chat_model else 131072
             if mpe > limit:
                 kind = "chat model was tuned at 32768" if ctx.chat_model else "released base models stop at 131072"
@@ -650,6 +672,57 @@ def check_rope(ctx):
                       '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}')
         return
     _check_rope_params(ctx, src, p)
+
+
+def _check_both_rope_blocks(ctx, rs, rp):
+    """Both rope_scaling and rope_parameters: transformers 5.x reads rope_scaling only (and its rope_theta, else
+    the top-level one); readers of the v5 form read rope_parameters.  Flag it, and say how they differ."""
+    top = ctx.cfg.get("rope_theta")
+    used_theta, other_theta = rs.get("rope_theta", top), rp.get("rope_theta", top)
+    diffs = []
+    if _norm_rope(rs) != _norm_rope(rp):
+        diffs.append(f"scaling {_rope_summary(rs)} vs {_rope_summary(rp)}")
+    if _is_num(used_theta) and _is_num(other_theta) and not math.isclose(used_theta, other_theta):
+        diffs.append(f"theta {_fmt_num(used_theta)} vs {_fmt_num(other_theta)}")
+    ignored = "ignores rope_parameters entirely"
+    if diffs:
+        ctx.folder.add("QL-ROPE-11", WARNING, CONFIG, ("rope_parameters",),
+                       f"both rope_scaling and rope_parameters are set and differ ({'; '.join(diffs)}): transformers "
+                       f"5.x uses rope_scaling (theta from it, else the top level) and {ignored}; readers of the v5 "
+                       "form use rope_parameters: two different RoPEs from one folder",
+                       "keep one block: the one the model was trained with")
+    else:
+        ctx.folder.add("QL-ROPE-11", INFO, CONFIG, ("rope_parameters",),
+                       f"both rope_scaling and rope_parameters are set (they agree): transformers 5.x uses "
+                       f"rope_scaling and {ignored}", "keep one block to avoid drift")
+
+
+def _rope_summary(d):
+    kind = d.get("rope_type", d.get("type", "default"))
+    return json.dumps(kind) + (f" x{_fmt_num(d['factor'])}" if _is_num(d.get("factor")) else "")
+
+
+# Longest context a released Qwen checkpoint runs with plain RoPE (no YaRN, no DCA): Qwen2/2.5 base models ship
+# 131072; Qwen3-2507 models 262144.  The 1M models (Qwen2.5-*-1M) reach 1010000 only through DCA.
+RELEASED_STATIC_WINDOW = {"qwen2": 131072, "qwen3": 262144}
+
+
+def _check_trained_window(ctx, mpe, theta):
+    """QL-CTX-02: a context far beyond any released Qwen's window with plain RoPE is an error (the classic case: a
+    1M model whose dual_chunk_attention_config was deleted so that a runtime without DCA starts)."""
+    limit = RELEASED_STATIC_WINDOW[ctx.family]
+    if mpe <= limit:
+        return False
+    looks_1m = mpe > 2 * limit and _is_num(theta) and theta >= 5e6
+    ctx.folder.add(
+        "QL-CTX-02", ERROR, CONFIG, ("max_position_embeddings",),
+        f"max_position_embeddings {mpe} with plain RoPE (no rope scaling, no dual_chunk_attention_config) is far "
+        f"beyond any released {'Qwen2/2.5' if ctx.family == 'qwen2' else 'Qwen3'} window ({limit}): attention "
+        "past the trained length produces garbage"
+        + (" (a 1M-context model whose dual_chunk_attention_config was removed?)" if looks_1m else ""),
+        "restore dual_chunk_attention_config (1M models) or YaRN rope scaling, or set max_position_embeddings to "
+        f"at most {limit}")
+    return True
 
 
 def _norm_rope(d):
@@ -1120,6 +1193,20 @@ def apply_fixes(folder, out):
     return changed
 
 
+def fix_folder(folder, path, out, max_rounds=8):
+    """Apply fixes until none is left (one fix can make another possible: a renamed `type` key lets the YaRN
+    length fix apply), so that one ``--fix`` reaches the fixed point and a second one changes nothing.  Returns
+    the re-linted folder and the changed paths."""
+    changed = []
+    for _ in range(max_rounds):
+        now = apply_fixes(folder, out)
+        if not now:
+            break
+        changed.extend(p for p in now if p not in changed)
+        folder = lint_folder(path)
+    return folder, changed
+
+
 # --------------------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------------------
@@ -1194,11 +1281,8 @@ def main(argv=None):
         for path in folders:
             folder = lint_folder(path)
             if args.fix:
-                diff_out = sys.stderr if args.format == "json" else out
-                changed = apply_fixes(folder, diff_out)
-                if changed:
-                    fixed.extend(changed)
-                    folder = lint_folder(path)
+                folder, changed = fix_folder(folder, path, sys.stderr if args.format == "json" else out)
+                fixed.extend(p for p in changed if p not in fixed)
             results.append(folder)
     except OSError as e:
         sys.stderr.write(f"qwen-lint: error: {e}\n")

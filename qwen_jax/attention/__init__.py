@@ -77,7 +77,7 @@ def attend(q, k, v, *, impl="xla", segment_ids=None, sliding_window=None, scale=
 
 
 def dca(q, k, v, *, ctx: DcaContext, positions, segment_ids=None, impl="xla", block_size=512):
-    """Dual Chunk Attention on unrotated q/k (spec §4)."""
+    """Dual Chunk Attention on unrotated q/k (docs/long_context.md §DCA)."""
     from qwen_jax.attention.dca import dca_attention  # sys.modules lookup: never the package attribute
 
     return dca_attention(q, k, v, positions=positions, segment_ids=segment_ids, inv_freq=ctx.inv_freq,

@@ -1,4 +1,4 @@
-"""Dual Chunk Attention (Qwen2.5-1M, vLLM semantics; spec §4).
+"""Dual Chunk Attention (Qwen2.5-1M, vLLM semantics; docs/long_context.md §DCA).
 
 With `C = chunk_size`, `W = local_size`, chunk length `Lc = C - W`, and per-document positions
 `p` (they restart in every packed segment):
@@ -202,7 +202,7 @@ def dca_blockwise(q, k, v, *, positions, segment_ids=None, inv_freq, chunk_size,
 
 def dca_attention(q, k, v, *, positions, segment_ids=None, inv_freq, chunk_size, local_size,
                   original_max_position_embeddings, scale=None, impl="xla", block_size=512):
-    """Dual Chunk Attention on *unrotated* q [b, T, H, D] and k/v [b, T, Hkv, D] (spec §4).
+    """Dual Chunk Attention on *unrotated* q [b, T, H, D] and k/v [b, T, Hkv, D] (docs/long_context.md §DCA).
 
     `positions` [b, T] per-document positions (restart per segment; chunk membership uses
     them, while the causal and same-segment masks use array order and `segment_ids`);

@@ -1,4 +1,4 @@
-"""Ring attention: sequence parallelism over the `seq` mesh axis (spec §5).
+"""Ring attention: sequence parallelism over the `seq` mesh axis (docs/long_context.md §Ring).
 
 `ring_attention(q, k, v, ...)` takes *global* arrays whose seq dimension is sharded over the
 `seq` mesh axis and runs a `jax.shard_map` over that axis.  Each device keeps its queries;
@@ -7,7 +7,7 @@ sends to i+1; at step t device d holds the block of device `src = (d - t) mod n`
 is one call of a per-step core, the blockwise kernel of `blockwise.py` (online softmax over
 key sub-blocks, any mask) or, for plain causal attention on GPU, cuDNN flash attention
 (`kernels.cudnn_block_*`: causal on the diagonal step, unmasked elsewhere), and
-the per-step `(out, lse)` are merged in float32 with the LSE rule of §5.2(b).  The backward
+the per-step `(out, lse)` are merged in float32 with the LSE rule (docs/long_context.md §LSE-merge).  The backward
 (`custom_vjp` around the whole ring) recomputes every step with the *final* LSE and sends the
 dK/dV accumulators around the ring together with K/V: n permutes, so they land home.
 
@@ -53,7 +53,7 @@ _ALL, _KV_FIRST_HALF, _Q_SECOND_HALF, _SKIP, _DIAG = 0, 1, 2, 3, 4
 
 
 # ----------------------------------------------------------------------------------------------
-# zig-zag permutation helpers (host side, spec §5.4)
+# zig-zag permutation helpers (host side, docs/long_context.md §Zigzag)
 
 
 def zigzag_permutation(seq_len: int, n: int) -> np.ndarray:
@@ -96,7 +96,7 @@ def local_indices(layout: str, device, n: int, local_len: int):
 
 
 def work_per_device(seq_len: int, n: int, layout: str) -> list[int]:
-    """Unmasked causal (q, k) pairs each device computes (spec §5.3 balance numbers)."""
+    """Unmasked causal (q, k) pairs each device computes (docs/long_context.md §Zigzag balance numbers)."""
     tl = seq_len // n
     counts = []
     for d in range(n):
@@ -288,7 +288,7 @@ class _Ring:
             nxt = self.send(kv)  # issued before the compute so the transfer can overlap it
             src = (d - t) % n
             o_b, l_b = self.step_fwd(_step_kind(self.layout, t, d, n), qs, qside, q_idx, kv, self.indices(src, tl))
-            # LSE merge (spec §5.2b), -inf safe
+            # LSE merge (docs/long_context.md §LSE-merge), -inf safe
             new = jnp.logaddexp(lse, l_b)
             ok = jnp.isfinite(new)
             new_safe = jnp.where(ok, new, 0.0)
@@ -399,7 +399,7 @@ def _ring_call(qs, k, v, *, seg, pos, q_scale, mesh, n, axis_name, layout, spec_
         return local(tuple(qs_), k_, v_, qside)
 
     # check_vma=False: the custom_vjp's fwd/bwd run ppermute/axis_index on values whose
-    # varying-manual-axes type the custom_vjp rule does not propagate (spec §5.9).
+    # varying-manual-axes type the custom_vjp rule does not propagate (docs/long_context.md §Ring-backward).
     fn = jax.shard_map(flat, mesh=mesh, in_specs=(x_spec,) * (nv + 2) + (row_spec,) * len(side), out_specs=x_spec,
                        check_vma=False)
     return fn(*qs, k, v, *side)

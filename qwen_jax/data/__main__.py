@@ -57,6 +57,7 @@ def main(argv):
     color = _COLOR.value == "always" or (_COLOR.value == "auto" and sys.stdout.isatty())
     pi, pc = (int(x) for x in _PROCESS.value.split("/"))
     pipeline = make_pipeline(cfg.data, process_index=pi, process_count=pc)
+    print(pipeline.chat_setup.describe())
     it = pipeline.iterator()
     shown, steps = 0, 0
     try:

@@ -24,7 +24,7 @@ import numpy as np
 from qwen_jax.data.sources import FileSource
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: chats tokenized whole, masks from character offsets
 
 
 def cache_key(source: FileSource, kind: str, tokenize) -> str:

@@ -50,8 +50,7 @@ from qwen_jax.data.tokenization import (
     check_stop_tokens,
     doc_arrays,
     load_tokenizer,
-    resolve_chat_template,
-    tokenizer_dir,
+    resolve_chat_setup,
 )
 
 log = logging.getLogger(__name__)
@@ -149,13 +148,14 @@ class Pipeline:
         self.lanes_per_process = self.num_lanes // self.process_count
         self.first_lane = self.process_index * self.lanes_per_process
 
-        self.tokenizer_path = tokenizer_dir(cfg.tokenizer)
+        self.chat_setup = resolve_chat_setup(cfg)  # which tokenizer and template, and why (chat_setup.describe())
+        self.tokenizer_path = self.chat_setup.tokenizer_dir
         self.tokenizer = load_tokenizer(self.tokenizer_path)
-        self.chat_template = resolve_chat_template(self.tokenizer, cfg.chat_template)
+        self.chat_template = self.chat_setup.chat_template
         kinds = {s["kind"] for s in self.sources}
         self.eos_id = check_stop_tokens(self.tokenizer, model_dir=cfg.model_dir, eos_token=cfg.eos_token, kinds=kinds)
         self.tokenize = Tokenize(self.tokenizer.backend_tokenizer, [s["kind"] for s in self.sources], self.eos_id,
-                                 self.chat_template)
+                                 self.chat_template, template_vars=self.tokenizer.special_tokens_map)
 
         self.cached = bool(cfg.cache_dir)
         parts = []

