@@ -26,13 +26,13 @@ class Parser(argparse.ArgumentParser):
 def load_model(path: str, step: int | None, dtype: str, *, tokenizer: bool):
     """(model, tokenizer or None) of a Hugging Face folder or checkpoints dir; bad paths are `UsageError`s."""
     from qwen_jax.config import ConfigError
+    from qwen_jax.data.tokenization import has_tokenizer, load_tokenizer
     from qwen_jax.hf_io import CheckpointError
     from qwen_jax.hf_io import load_model as load
 
     if not os.path.isdir(path):
         raise UsageError(f"--model {path}: not a directory")
-    if tokenizer and not os.path.exists(os.path.join(path, "tokenizer.json")) and \
-            not os.path.exists(os.path.join(path, "tokenizer_config.json")):
+    if tokenizer and not has_tokenizer(path):
         raise UsageError(f"--model {path}: no tokenizer files (tokenizer.json) in the folder")
     try:
         model = load(path, step, dtype=dtype)
@@ -40,8 +40,6 @@ def load_model(path: str, step: int | None, dtype: str, *, tokenizer: bool):
         raise UsageError(f"--model {path}: {e}") from None
     if not tokenizer:
         return model, None
-    from qwen_jax.data.tokenization import load_tokenizer
-
     return model, load_tokenizer(os.path.abspath(path))
 
 
