@@ -85,6 +85,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = data_config()
     c.synthetic_data = False  # random tokens from (seed, step): tests and throughput runs
 
+    # ---- held-out evaluation (qwen_jax/evaluate.py): loss and perplexity, logged as eval/loss, eval/perplexity
+    c.eval = ml_collections.ConfigDict()
+    c.eval.sources = []  # like data.sources: [{"path": ..., "kind": "chat"|"continuation"|"text"}]; [] = off
+    c.eval.every = 0  # evaluate every N steps (0 = off)
+    c.eval.batches = 4  # the same first N held-out batches every time (global batches of data.global_batch_size)
+
     # ---- end of training
     c.export_hf = True  # export a Hugging Face folder at the end (needs tools/convert.py)
     c.export_hf_dir = ""  # "" = <workdir>/hf_export

@@ -4,10 +4,13 @@ Public surface (kept stable):
 
     model = qwen_jax.from_pretrained(path, dtype=..., param_dtype=..., mesh=None, **config_overrides)
     logits = model(input_ids, positions=None, segment_ids=None)   # [batch, seq, vocab]
+    new_ids = qwen_jax.generate(model, prompts, max_new_tokens=..., temperature=0.0, top_k=0, top_p=1.0,
+                                stop_ids=None, seed=0)                # list[list[int]]
 """
 
 from qwen_jax.config import ConfigError, QwenConfig, config_from_dict, load_hf_config
-from qwen_jax.hf_io import CheckpointError, from_pretrained
+from qwen_jax.generation import generate
+from qwen_jax.hf_io import CheckpointError, from_pretrained, load_model
 from qwen_jax.model import Qwen
 
 __all__ = [
@@ -17,5 +20,7 @@ __all__ = [
     "QwenConfig",
     "config_from_dict",
     "from_pretrained",
+    "generate",
+    "load_model",
     "load_hf_config",
 ]

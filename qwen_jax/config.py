@@ -344,6 +344,54 @@ def load_hf_config(path: str | os.PathLike, **overrides) -> QwenConfig:
     return config_from_dict(raw, source=file, **overrides)
 
 
+def eos_ids(value) -> list[int]:
+    """An `eos_token_id` value (int, list or null) as a list of ints."""
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list | tuple) else [value])]
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else {}
+
+
+def tokenizer_eos_id(folder: str) -> int | None:
+    """The id of the tokenizer's `eos_token` (tokenizer_config.json), from its added tokens or vocabulary."""
+    tok_cfg = _read_json(os.path.join(folder, "tokenizer_config.json"))
+    eos = tok_cfg.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if not isinstance(eos, str):
+        return None
+    for key, entry in (tok_cfg.get("added_tokens_decoder") or {}).items():
+        if isinstance(entry, dict) and entry.get("content") == eos:
+            return int(key)
+    tok = _read_json(os.path.join(folder, "tokenizer.json"))
+    for entry in tok.get("added_tokens") or []:
+        if entry.get("content") == eos:
+            return int(entry["id"])
+    vocab = (tok.get("model") or {}).get("vocab")
+    return int(vocab[eos]) if isinstance(vocab, dict) and eos in vocab else None
+
+
+def model_stop_ids(folder: str) -> tuple[int, ...]:
+    """Every id generation should stop on: the union of generation_config.json's, config.json's
+    (or its `text_config`'s) eos_token_id and the tokenizer's eos token.
+
+    Why a union: a fine-tune whose config says <|endoftext|> while its chat turns end with
+    <|im_end|> must still stop; runtimes disagree on which file wins, so stop on all of them.
+    """
+    ids = eos_ids(_read_json(os.path.join(folder, "generation_config.json")).get("eos_token_id"))
+    cfg = _read_json(os.path.join(folder, "config.json"))
+    ids += eos_ids(cfg.get("eos_token_id")) or eos_ids((cfg.get("text_config") or {}).get("eos_token_id"))
+    tok = tokenizer_eos_id(folder)
+    ids += [] if tok is None else [tok]
+    return tuple(sorted(set(ids)))
+
+
 def to_hf_dict(cfg: QwenConfig) -> dict:
     """The Hugging Face config.json keys this config determines (v5 `rope_parameters` form).
 

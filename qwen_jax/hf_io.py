@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwen_jax.config import ConfigError, QwenConfig, load_hf_config
+from qwen_jax.config import ConfigError, QwenConfig, load_hf_config, model_stop_ids
 from qwen_jax.model import Qwen
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -507,7 +507,50 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, me
         loaded[spec.path] = _load_param(reader, cfg, spec, shape, target_dtype, sharding)
     reader.close()
     state = _fill_state(abstract_state, loaded)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    model.stop_token_ids = model_stop_ids(folder)  # generate(stop_ids=None) stops on these
+    return model
+
+
+def load_model(path: str | os.PathLike, step: int | None = None, *, dtype=None, param_dtype=None, mesh=None,
+               **config_overrides) -> Qwen:
+    """A Hugging Face folder (`from_pretrained`) or a training checkpoint directory (Orbax
+    `CheckpointManager` root with config.json beside it; `step` None = the latest)."""
+    from qwen_jax import checkpoint_format
+    from qwen_jax.sharding import state_shardings
+
+    folder = os.fspath(path)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{folder}: not a directory (expected a Hugging Face model folder or a checkpoint dir)")
+    if weight_files_present(folder):
+        if step is not None:
+            raise ConfigError(f"{folder}: a Hugging Face folder has no steps (step={step} given)")
+        return from_pretrained(folder, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **config_overrides)
+    overrides = dict(config_overrides)
+    for key, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if value is not None:
+            overrides[key] = value
+    cfg = load_hf_config(folder, **overrides)
+    graphdef, abstract_state = abstract_model(cfg)
+    abstract_pure = nnx.to_pure_dict(abstract_state)
+    if mesh is not None:
+        shardings = nnx.to_pure_dict(state_shardings(abstract_state, mesh))
+    else:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, abstract_pure)
+    try:
+        params = checkpoint_format.restore_params(folder, step, abstract_pure=abstract_pure, shardings=shardings)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    state = nnx.State(abstract_state)
+    nnx.replace_by_pure_dict(state, params)
+    model = nnx.merge(graphdef, state)
+    model.stop_token_ids = model_stop_ids(folder)
+    return model
+
+
+def weight_files_present(folder: str) -> bool:
+    return any(name.endswith(".safetensors") for name in os.listdir(folder))
 
 
 def _fill_state(abstract_state, values: dict[tuple, jax.Array]):

@@ -13,6 +13,7 @@ kinds (full vs sliding window) run as separate consecutive scans.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -22,6 +23,7 @@ from flax import nnx
 from qwen_jax import rope as rope_lib
 from qwen_jax.attention import DcaContext
 from qwen_jax.config import QwenConfig
+from qwen_jax.kv_cache import KVCache
 from qwen_jax.layers.attention import Attention
 from qwen_jax.layers.embedding import Embed
 from qwen_jax.layers.linear import Linear
@@ -89,6 +91,13 @@ class DecoderLayer(nnx.Module):
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "length", "act_embed"))
+
+    def decode(self, x, *, layer_cache, **attention_kw):
+        """`__call__` over a KV cache (generation): returns (x, updated layer cache)."""
+        h, layer_cache = self.self_attn.decode(self.input_layernorm(x), layer_cache=layer_cache, **attention_kw)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, ("batch", "length", "act_embed")), layer_cache
 
 
 class Qwen(nnx.Module):
@@ -170,6 +179,29 @@ class Qwen(nnx.Module):
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
         return self.logits(self.hidden_states(input_ids, positions, segment_ids))
+
+    def decode(self, input_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Generation: run `input_ids` [batch, t] at the cache's next t slots (prefill: the
+        left-padded prompts; decode: t = 1).  Returns the float32 logits of the last slot
+        [batch, vocab] and the cache with these tokens written.  Layers run unrolled, each
+        updating its own buffers in place (`qwen_jax.kv_cache`)."""
+        cfg = self.cfg
+        positions = cache.positions(input_ids.shape[1])
+        x = self.embed_tokens(input_ids)
+        if cfg.dca is None and cfg.rope_type == "dynamic":  # each row's own length, as generating it alone
+            rope = jax.tree.map(lambda a: a[:, 0], jax.vmap(lambda p: self._rope(p[None], x.dtype))(positions))
+        else:
+            rope = self._rope(positions, x.dtype)
+        graphdef, state = nnx.split(self.layers)
+        written = []
+        for i in range(cfg.num_hidden_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            x, kv = layer.decode(x, rope=rope, positions=positions, cache=cache, sliding_window=cfg.layer_window(i),
+                                 layer_cache=(cache.keys[i], cache.values[i]))
+            written.append(kv)
+        logits = self.logits(self.norm(x[:, -1:]))[:, 0]
+        keys, values = (tuple(kv[j] for kv in written) for j in (0, 1))
+        return logits, dataclasses.replace(cache, keys=keys, values=values, index=cache.index + input_ids.shape[1])
 
     # ---- internals ----
     def _rope(self, positions, dtype):

@@ -40,3 +40,20 @@ def hf_logits(model, ids: np.ndarray, position_ids: np.ndarray | None = None) ->
 
 def random_ids(batch, seq, vocab=256, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int64)
+
+
+def make_chat_model(folder, *, seed=0):
+    """A tiny model with Qwen's real vocabulary and tokenizer files (the CLIs read text), tied embeddings."""
+    import os
+    import shutil
+
+    from qwen_jax.data.tokenization import bundled_tokenizer_dir
+
+    model = make_hf_model(folder, seed=seed, vocab_size=151936, hidden_size=32, intermediate_size=48,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          tie_word_embeddings=True, initializer_range=0.3, eos_token_id=151645)
+    src = bundled_tokenizer_dir()
+    for name in os.listdir(src):
+        if name.startswith("tokenizer") or name in ("vocab.json", "merges.txt"):
+            shutil.copy(os.path.join(src, name), os.path.join(folder, name))
+    return model

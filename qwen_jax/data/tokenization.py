@@ -46,7 +46,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from qwen_jax.config import ConfigError
+from qwen_jax.config import ConfigError, eos_ids
 from qwen_jax.data.sources import RawRecord
 
 log = logging.getLogger(__name__)
@@ -182,12 +182,6 @@ def resolve_chat_setup(data_cfg) -> ChatSetup:
     return ChatSetup(path, origin, template, template_origin)
 
 
-def _ids(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in (value if isinstance(value, list | tuple) else [value])]
-
-
 def stop_token_ids(model_dir: str) -> tuple[list[int], str]:
     """The eos ids generation stops on: generation_config.json's eos_token_id, else config.json's."""
     for name in ("generation_config.json", "config.json"):
@@ -195,9 +189,9 @@ def stop_token_ids(model_dir: str) -> tuple[list[int], str]:
         if os.path.exists(path):
             with open(path) as f:
                 cfg = json.load(f)
-            ids = _ids(cfg.get("eos_token_id"))
+            ids = eos_ids(cfg.get("eos_token_id"))
             if not ids and name == "config.json":
-                ids = _ids(cfg.get("text_config", {}).get("eos_token_id"))
+                ids = eos_ids(cfg.get("text_config", {}).get("eos_token_id"))
             if ids:
                 return ids, f"{path} (key eos_token_id)"
     raise ValueError(f"data.model_dir={model_dir!r}: neither generation_config.json nor config.json has eos_token_id")

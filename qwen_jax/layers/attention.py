@@ -9,6 +9,7 @@ from __future__ import annotations
 from flax import nnx
 
 from qwen_jax import attention as attention_ops
+from qwen_jax import kv_cache
 from qwen_jax.config import QwenConfig
 from qwen_jax.layers.linear import Linear
 from qwen_jax.layers.normalization import RMSNorm
@@ -36,11 +37,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, *, rope, positions, segment_ids, sliding_window, impl):
         """x [batch, seq, embed]; rope = (cos, sin) tables or a DCA context; returns [batch, seq, embed]."""
-        q = constrain(self.q_proj(x), ("batch", "length", "act_heads", None))
-        k = constrain(self.k_proj(x), ("batch", "length", "act_kv_heads", None))
-        v = constrain(self.v_proj(x), ("batch", "length", "act_kv_heads", None))
-        if self.cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self._project(x)
         if isinstance(rope, attention_ops.DcaContext):
             out = attention_ops.dca(q, k, v, ctx=rope, positions=positions, segment_ids=segment_ids,
                                     impl=impl, block_size=self.cfg.attention_block_size)
@@ -51,3 +48,29 @@ class Attention(nnx.Module):
                                        block_size=self.cfg.attention_block_size)
         out = constrain(out, ("batch", "length", "act_heads", None))
         return self.o_proj(out)
+
+    def decode(self, x, *, rope, positions, cache, layer_cache, sliding_window):
+        """Incremental attention: x [batch, t, embed] at the cache's next t slots.
+
+        Writes this call's (rotated) keys and values into `layer_cache` = (keys, values) and
+        attends over everything written so far (`qwen_jax.kv_cache`).  Returns (out, layer_cache).
+        """
+        q, k, v = self._project(x)
+        if isinstance(rope, attention_ops.DcaContext):
+            k = kv_cache.rotate_dca_keys(k, positions, rope)
+        else:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        keys, values = (kv_cache.write(buf, new, cache.index) for buf, new in zip(layer_cache, (k, v), strict=True))
+        if isinstance(rope, attention_ops.DcaContext):
+            out = kv_cache.cached_dca_attention(q, keys, values, cache, positions=positions, ctx=rope)
+        else:
+            out = kv_cache.cached_attention(q, keys, values, cache, sliding_window=sliding_window)
+        return self.o_proj(constrain(out, ("batch", "length", "act_heads", None))), (keys, values)
+
+    def _project(self, x):
+        q = constrain(self.q_proj(x), ("batch", "length", "act_heads", None))
+        k = constrain(self.k_proj(x), ("batch", "length", "act_kv_heads", None))
+        v = constrain(self.v_proj(x), ("batch", "length", "act_kv_heads", None))
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v

@@ -1,0 +1,1 @@
+"""Evaluations beyond loss: long-context retrieval (`niah`)."""

@@ -1,0 +1,172 @@
+"""Long-context retrieval: passkey and needle-in-a-haystack over a grid of lengths x depths.
+
+    python -m qwen_jax.evals.niah --model DIR|CKPT [--step N] [--task passkey|needle]
+        [--lengths 1024,2048,4096] [--depths 0,0.25,0.5,0.75,1] [--trials 4] [--seed 0]
+        [--chat] [--dtype float32|bfloat16] --out DIR
+
+* passkey (Mohtashami & Jaggi 2023): a random 5-digit key hidden in repeated filler
+  ("The grass is green. The sky is blue. ..."); the model must continue
+  "What is the pass key? The pass key is" with the key.
+* needle: a "special magic number" sentence hidden in varied synthetic filler, asked for the same way.
+
+For each (length, depth) cell, `--trials` prompts of `length` tokens (the needle's first token
+at `depth` of the haystack) are generated greedily in one batch; a trial succeeds when the
+reply contains the key.  Writes `<out>/niah.json` (grid of accuracies, every trial's reply)
+and `<out>/niah.png` (heatmap: depth x length); a progress line per cell on stderr.  With
+`--chat` the prompt is one user turn in the tokenizer's chat template.  Bad input: one line
+`error: ...`, exit 2.  YaRN / DCA are whatever the model folder's config.json says.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from qwen_jax.cli import Parser, UsageError, load_model, write_atomic
+
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE_FILLER = ("The river bends past the old mill before it reaches the town. ",
+                 "Markets open early on Saturdays and close by noon. ",
+                 "Most of the houses on the hill were built of grey stone. ",
+                 "A train leaves for the coast every two hours. ",
+                 "The library keeps its oldest maps in a locked room. ")
+TASKS = {  # needle, question, start of the answer
+    "passkey": ("The pass key is {key}. Remember it. {key} is the pass key. ", "What is the pass key?",
+                "The pass key is"),
+    "needle": ("The special magic number is {key}. ", "What is the special magic number?",
+               "The special magic number is"),
+}
+INTRO = "There is important information hidden inside a lot of irrelevant text. Find it and memorize it.\n"
+
+
+def build_prompt(tok, task: str, length: int, depth: float, key: int, *, chat: bool) -> list[int]:
+    """Token ids of one trial, `length` tokens (unless the fixed parts alone are longer): intro, filler
+    with the needle's first token at `depth` of the filler, question, and the start of the answer."""
+    needle_text, question, answer = TASKS[task]
+    units = [PASSKEY_FILLER] if task == "passkey" else list(NEEDLE_FILLER)
+    if chat:
+        rendered = tok.apply_chat_template([{"role": "user", "content": "\x00"}], add_generation_prompt=True,
+                                           tokenize=False)
+        before, after = rendered.split("\x00")
+        head = tok.encode(before + INTRO)
+        tail = tok.encode("\n" + question) + tok.encode(after + answer)
+    else:
+        head, tail = tok.encode(INTRO), tok.encode("\n" + question + " " + answer)
+    needle = tok.encode(needle_text.format(key=key))
+    budget = max(0, length - len(head) - len(needle) - len(tail))
+    filler: list[int] = []
+    while len(filler) < budget:
+        filler += tok.encode(units[len(filler) % len(units)])
+    filler = filler[:budget]
+    at = int(round(depth * len(filler)))
+    return head + filler[:at] + needle + filler[at:] + tail
+
+
+def run_grid(model, tok, *, task: str, lengths, depths, trials: int, seed: int, chat: bool, log=sys.stderr) -> dict:
+    from qwen_jax.generation import generate
+
+    rng = np.random.default_rng(seed)
+    acc = np.zeros((len(depths), len(lengths)))
+    cells = []
+    t0 = time.perf_counter()
+    for j, length in enumerate(lengths):
+        for i, depth in enumerate(depths):
+            keys = rng.integers(10000, 100000, trials).tolist()
+            prompts = [build_prompt(tok, task, length, depth, k, chat=chat) for k in keys]
+            replies = generate(model, prompts, max_new_tokens=8, stop_ids=[])
+            texts = [tok.decode(r, skip_special_tokens=True) for r in replies]
+            hits = [str(k) in t for k, t in zip(keys, texts, strict=True)]
+            acc[i, j] = float(np.mean(hits))
+            cells.append({"length": length, "depth": depth, "keys": keys, "replies": texts, "accuracy": acc[i, j]})
+            done = j * len(depths) + i + 1
+            print(f"niah {task}: length {length} depth {depth:.2f}: {100 * acc[i, j]:.0f}% "
+                  f"[{done}/{len(lengths) * len(depths)}, {time.perf_counter() - t0:.0f}s]", file=log, flush=True)
+    return {"task": task, "lengths": list(lengths), "depths": list(depths), "trials": trials,
+            "accuracy": acc.tolist(), "cells": cells}
+
+
+def heatmap_png(result: dict, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = np.asarray(result["accuracy"])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * acc.shape[1], 1.0 + 0.5 * acc.shape[0]))
+    im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(acc.shape[1]), [str(x) for x in result["lengths"]])
+    ax.set_yticks(range(acc.shape[0]), [f"{d:.0%}" for d in result["depths"]])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title, fontsize=9)
+    for (i, j), v in np.ndenumerate(acc):
+        ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if not values or min(values) < 16:
+        raise UsageError(f"{flag} {text!r}: need lengths >= 16")
+    return values
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--depths {text!r}: expected comma-separated numbers") from None
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise UsageError(f"--depths {text!r}: depths are fractions in [0, 1]")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m qwen_jax.evals.niah", description="Passkey / needle retrieval over lengths x depths.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--task", choices=tuple(TASKS), default="passkey")
+    p.add_argument("--lengths", default="1024,2048,4096")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--out", required=True, help="folder for niah.json and niah.png")
+    try:
+        args = p.parse_args(argv)
+        lengths, depths = _ints(args.lengths, "--lengths"), _fractions(args.depths)
+        if args.trials < 1:
+            raise UsageError("--trials must be >= 1")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UsageError(f"--out {args.out}: not a folder")
+        model, tok = load_model(args.model, args.step, args.dtype, tokenizer=True)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = run_grid(model, tok, task=args.task, lengths=lengths, depths=depths, trials=args.trials, seed=args.seed,
+                      chat=args.chat)
+    result["model"] = os.path.abspath(args.model)
+    os.makedirs(args.out, exist_ok=True)
+    write_atomic(os.path.join(args.out, "niah.json"), json.dumps(result, indent=2) + "\n")
+    title = f"{args.task}: {os.path.basename(os.path.abspath(args.model))}"
+    write_atomic(os.path.join(args.out, "niah.png"), heatmap_png(result, title))
+    print(json.dumps({"accuracy": result["accuracy"], "lengths": lengths, "depths": depths}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Text generation with a KV cache: `qwen_jax.generate(...)` and `python -m qwen_jax.generate`.
+
+    new_ids = qwen_jax.generate(model, [[ids...], [ids...]], max_new_tokens=64)        # greedy
+    new_ids = qwen_jax.generate(model, prompts, max_new_tokens=64, temperature=0.7, top_p=0.9, seed=1)
+
+Each result holds the new tokens only: up to and including the first stop id, else
+`max_new_tokens` of them.  How it runs: prompts are left-padded to a length bucket and
+prefilled in one call, then one jitted decode step per token (`Qwen.decode` over
+`qwen_jax.kv_cache`).  Prompt and cache lengths are rounded up to buckets
+(`kv_cache.length_bucket`), so other prompt/output lengths reuse the compilations.  The next
+step is dispatched before the host reads the current tokens, so the device never waits for
+Python.  On a sharded model (parameters placed on a mesh, e.g. `from_pretrained(mesh=...)`),
+the cache is sharded over batch (data, fsdp) and kv heads (tensor).
+
+Sampling follows transformers' order: temperature, then top-k, then top-p (nucleus), then a
+categorical draw; `temperature=0` is greedy (argmax).  Stop ids default to the union of the
+model folder's generation_config.json, config.json and tokenizer eos ids
+(`config.model_stop_ids`).
+
+The command line lives in `qwen_jax/generate.py` (`python -m qwen_jax.generate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwen_jax import kv_cache
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def filter_top_k(logits, k):
+    """Logits [..., vocab] with everything below the k-th largest set to -inf (ties kept); k <= 0: unchanged."""
+    k = jnp.asarray(k, jnp.int32)
+    vocab = logits.shape[-1]
+    kth = jnp.take(jnp.sort(logits, axis=-1), jnp.clip(vocab - k, 0, vocab - 1), axis=-1)[..., None]
+    return jnp.where((k > 0) & (logits < kth), -jnp.inf, logits)
+
+
+def filter_top_p(logits, p):
+    """Nucleus filter: keep the most likely tokens whose probabilities, summed from the top, first
+    reach `p` (the token that crosses `p` is kept, and always at least one); p >= 1: unchanged.
+
+    transformers' rule (remove sorted tokens whose ascending cumulative probability is <= 1 - p),
+    written from the top: a token stays iff the mass of the tokens ranked above it is < p.
+    """
+    p = jnp.asarray(p, jnp.float32)
+    desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(desc.astype(jnp.float32), axis=-1)
+    above = jnp.cumsum(probs, axis=-1) - probs
+    keep = (above < p).at[..., 0].set(True)
+    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((p < 1.0) & (logits < threshold), -jnp.inf, logits)
+
+
+def sample_next(logits, key, temperature, top_k, top_p, *, greedy: bool):
+    """Next token ids [batch] from float32 logits [batch, vocab]."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / jnp.asarray(temperature, jnp.float32)
+    logits = filter_top_p(filter_top_k(logits, top_k), top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
+def _step(graphdef, state, cache, tokens, key, temperature, top_k, top_p, *, greedy):
+    """Run `tokens` [batch, t] through the model at the cache's next slots and pick the next tokens."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.decode(tokens, cache)
+    return sample_next(logits, key, temperature, top_k, top_p, greedy=greedy), cache
+
+
+def model_mesh(state):
+    """The mesh the parameters are sharded over, or None (single device)."""
+    for leaf in jax.tree.leaves(state):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+def resolve_stop_ids(model, stop_ids) -> tuple[int, ...]:
+    """`stop_ids`, or (None) the model folder's union recorded at load time, else config.json's eos."""
+    if stop_ids is not None:
+        return tuple(int(i) for i in stop_ids)
+    recorded = getattr(model, "stop_token_ids", None)
+    return tuple(recorded) if recorded is not None else tuple(model.cfg.eos_token_id)
+
+
+def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    vocab = model.cfg.vocab_size
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {vocab})")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+
+
+def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, stop_ids=None, seed: int = 0) -> Iterator[list[int | None]]:
+    """Yields once per generated position: the new token of every row (None for rows already stopped).
+
+    Ends after `max_new_tokens` positions or when every row has produced a stop id.
+    """
+    _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p)
+    stops = np.asarray(resolve_stop_ids(model, stop_ids), np.int64)
+    lengths = np.array([len(p) for p in prompts])
+    prompt_slots = kv_cache.length_bucket(lengths.max())
+    tokens = np.zeros((len(prompts), prompt_slots), np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, prompt_slots - len(p):] = p
+    graphdef, state = nnx.split(model)
+    mesh = model_mesh(state)
+    cache_slots = kv_cache.length_bucket(prompt_slots + max_new_tokens)
+    cache = kv_cache.init_cache(model.cfg, prompt_slots - lengths, cache_slots, mesh)
+    key = jax.random.key(seed)
+    knobs = dict(temperature=jnp.float32(max(temperature, 1e-6)), top_k=jnp.int32(top_k), top_p=jnp.float32(top_p),
+                 greedy=temperature == 0)
+    done = np.zeros(len(prompts), bool)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        current, cache = _step(graphdef, state, cache, jnp.asarray(tokens), key, **knobs)
+        for i in range(max_new_tokens):
+            if i + 1 < max_new_tokens:  # dispatch the next step before reading this one
+                following, cache = _step(graphdef, state, cache, current[:, None], jax.random.fold_in(key, i + 1),
+                                         **knobs)
+            ids = np.asarray(current)
+            yield [None if d else int(t) for t, d in zip(ids, done, strict=True)]
+            done |= np.isin(ids, stops)
+            if done.all() or i + 1 == max_new_tokens:
+                return
+            current = following
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, stop_ids=None, seed: int = 0) -> list[list[int]]:
+    """New token ids per prompt: up to and including the first stop id, else `max_new_tokens` ids.
+
+    `prompts`: token-id lists of any lengths.  Greedy when `temperature` is 0; else sampled with
+    top-k (0 = off) and top-p (1 = off) from `jax.random.key(seed)` (same seed, same tokens).
+    `stop_ids=None`: the union of eos ids of the model folder (generation_config.json,
+    config.json, tokenizer), else config.json's.
+    """
+    out: list[list[int]] = [[] for _ in prompts]
+    for step_ids in stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, stop_ids=stop_ids, seed=seed):
+        for row, token in enumerate(step_ids):
+            if token is not None:
+                out[row].append(token)
+    return out
