@@ -263,11 +263,15 @@ def main(argv):
 
         logging.set_verbosity(logging.WARNING)
     init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    sys.exit(launch(_CONFIG.value, FLAGS.workdir))
+
+
+def launch(config, workdir: str | None) -> int:
+    """`run`, with bad input (a flag, config key or input file) answered by `fail`: one line, exit 2."""
     try:
-        code = run(_CONFIG.value, FLAGS.workdir)
+        return run(config, workdir)
     except user_errors() as e:
         fail(e)
-    sys.exit(code)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
