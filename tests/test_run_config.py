@@ -31,6 +31,7 @@ def files(tmp_path_factory):
     (d / "list.jsonl").write_text('{"text": "fine"}\n[1, 2]\n')
     (d / "latin1.jsonl").write_bytes('{"text": "fine"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
     (d / "data.csv").write_text("text\nhello\n")
+    (d / "junk.parquet").write_text("not parquet")
     (d / "a_file").write_text("not a folder")
     _hf_folder_with_wrong_config(d / "hf_mismatch")
     return d
@@ -113,7 +114,7 @@ BAD = [
     ("init_from_shapes", {"model.init_from": "{files}/hf_mismatch", "model.overrides": ""},
      ["'model.init_from'", "hf_mismatch", "mlp.down_proj.weight: file (64, 96) vs config (64, 128)"]),
     ("data_missing", {"data.sources": _text("nope.jsonl")}, ["data.sources[0].path", "nope.jsonl", "matches no file"]),
-    ("data_glob_missing", {"data.sources": _text("*.parquet")}, ["data.sources[0].path", "matches no file"]),
+    ("data_glob_missing", {"data.sources": _text("*.pq")}, ["data.sources[0].path", "matches no file"]),
     ("data_directory", {"data.sources": [{"path": "{files}", "kind": "text"}]}, ["data.sources[0].path",
                                                                                  "is a directory"]),
     ("data_suffix", {"data.sources": _text("data.csv")}, ["data.sources[0].path", "data.csv", ".jsonl"]),
@@ -129,6 +130,7 @@ BAD = [
     ("data_malformed", {"data.sources": _text("bad.jsonl")}, ["bad.jsonl:3:", "not valid JSON"]),
     ("data_not_object", {"data.sources": _text("list.jsonl")}, ["list.jsonl:2:", "JSON object"]),
     ("data_not_utf8", {"data.sources": _text("latin1.jsonl")}, ["latin1.jsonl:2:", "not UTF-8", "0xe9"]),
+    ("data_parquet_junk", {"data.sources": _text("junk.parquet")}, ["junk.parquet", "not a readable Parquet file"]),
     ("freeze_nothing", {"freeze": "layers/mlp/gate_projj"}, ["'freeze'", "matches no parameter"]),
 ]
 

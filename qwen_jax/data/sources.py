@@ -145,9 +145,11 @@ class _ParquetFile:
         import pyarrow.parquet as pq
 
         self.path = path
+        import pyarrow as pa
+
         try:
             self._n = pq.ParquetFile(path).metadata.num_rows
-        except OSError as e:  # pyarrow's ArrowInvalid (not Parquet, truncated) is an OSError too
+        except (OSError, pa.ArrowException) as e:  # ArrowInvalid: not Parquet, truncated
             raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
         self._table = None
 
