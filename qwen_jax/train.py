@@ -2,7 +2,8 @@
 
 One code path for one CPU, one GPU, a GPU node or a TPU pod slice:
 
-1. flags and config (`configs/base.py` keys; unknown keys / wrong types are errors naming the key);
+1. flags and config (`configs/base.py` keys), the whole run checked by `qwen_jax/run_config.py` before anything
+   is written: a bad flag, key or input file is one line `error: ...` on stderr and exit code 2;
 2. `jax.distributed.initialize` from `--coordinator_address/--num_processes/--process_id` or the
    environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`; or
    `--distributed=auto` for TPU pods / SLURM auto-detection);
