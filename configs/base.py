@@ -4,7 +4,8 @@
 
 Every key can be overridden on the command line (`--config.optimizer.learning_rate=3e-4`; list
 keys as JSON: `--config.data.sources='[{"path": "a.jsonl", "kind": "text"}]'`); an unknown key or
-a value of the wrong type is an error that names the key and lists the valid ones.  The `data` block is the data pipeline's (`qwen_jax.data.default_config()`, issue 6).
+a value of the wrong type is an error that names the key and lists the valid ones.  The `data`
+block is the data pipeline's (`qwen_jax.data.default_config()`, issue 6).
 """
 
 from __future__ import annotations

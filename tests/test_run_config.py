@@ -127,7 +127,7 @@ BAD = [
      ["'data.tokenizer'", "no_tokenizer"]),
     ("data_empty", {"data.sources": _text("empty.jsonl")}, ["data.sources[0].path", "empty.jsonl", "is empty"]),
     ("data_blank_lines", {"data.sources": _text("blank.jsonl")}, ["blank.jsonl", "is empty"]),
-    ("data_malformed", {"data.sources": _text("bad.jsonl")}, ["bad.jsonl:3:", "not valid JSON"]),
+    ("data_malformed", {"data.sources": _text("bad.jsonl")}, ["bad.jsonl:3:", "not valid JSON", "at column 24"]),
     ("data_not_object", {"data.sources": _text("list.jsonl")}, ["list.jsonl:2:", "JSON object"]),
     ("data_not_utf8", {"data.sources": _text("latin1.jsonl")}, ["latin1.jsonl:2:", "not UTF-8", "0xe9"]),
     ("data_parquet_junk", {"data.sources": _text("junk.parquet")}, ["junk.parquet", "not a readable Parquet file"]),

@@ -94,9 +94,9 @@ def check_json_line(line: bytes) -> str | None:
     except UnicodeDecodeError as e:
         return f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})"
     try:
-        value = json.loads(text)
+        value = json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as e:
-        return f"not valid JSON ({e.msg} at column {e.colno})"
+        return f"not valid JSON ({e.msg} at column {e.pos + 1})"
     if not isinstance(value, dict):
         return f"a record must be a JSON object, got {type(value).__name__}"
     return None
