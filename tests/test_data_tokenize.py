@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from qwen_jax.data import QWEN2_CHATML_TEMPLATE, BadRecordError, DataError, default_config, make_pipeline
+from qwen_jax.data import QWEN2_CHATML_TEMPLATE, BadRecordError, default_config, make_pipeline
 from qwen_jax.data.tokenization import bundled_tokenizer_dir, doc_arrays, load_tokenizer
 
 IM_END = "<|im_end|>"
@@ -107,6 +107,8 @@ def test_continuation_and_text_masks(tmp_path):
 def test_bad_records_error_names_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok one"}, {"text": "ok two"}, "{not json", {"txt": "x"}])
     c = cfg_for([{"path": path, "kind": "text", "weight": 1.0}], shuffle=False, num_epochs=1)
+    from qwen_jax.data import DataError
+
     with pytest.raises(DataError, match=r"bad\.jsonl:3: not valid JSON"):  # found when the file is indexed
         make_pipeline(c)
     path2 = write_jsonl(tmp_path / "bad2.jsonl", [{"text": "ok"}, "", {"txt": "x"}])  # blank line 2 is ignored
