@@ -2,9 +2,10 @@
 
     python -m qwen_jax.train --config=configs/base.py --workdir=/tmp/run --config.total_steps=100
 
-Every key can be overridden on the command line (`--config.optimizer.learning_rate=3e-4`);
-an unknown key or a value of the wrong type is an error that names the key and lists the valid
-ones.  The `data` block is the data pipeline's (`qwen_jax.data.default_config()`, issue 6).
+Every key can be overridden on the command line (`--config.optimizer.learning_rate=3e-4`; list
+keys as JSON: `--config.data.sources='[{"path": "a.jsonl", "kind": "text"}]'`); an unknown key or
+a value of the wrong type is an error that names the key and lists the valid ones.  The `data`
+block is the data pipeline's (`qwen_jax.data.default_config()`, issue 6).
 """
 
 from __future__ import annotations

@@ -42,8 +42,10 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor, seq); one size may be -1 (the rest of the devices)."""
+def mesh_sizes(shape: dict[str, int] | Sequence[int], num_devices: int) -> dict[str, int]:
+    """{axis: size} over (data, fsdp, tensor, seq) for `num_devices`; one size may be -1 (the rest of the devices).
+
+    Pure (no devices needed), so a launcher can check a mesh before it touches anything."""
     if isinstance(shape, dict):
         unknown = sorted(set(shape) - set(MESH_AXES))
         if unknown:
@@ -53,20 +55,26 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
         sizes = [int(s) for s in shape]
         if len(sizes) != len(MESH_AXES):
             raise ValueError(f"mesh shape needs {len(MESH_AXES)} sizes {MESH_AXES}, got {sizes}")
-    devices = list(jax.devices() if devices is None else devices)
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
     if -1 in sizes:
         rest = math.prod(s for s in sizes if s != -1)
-        if len(devices) % rest:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not divide {len(devices)} devices")
-        sizes[sizes.index(-1)] = len(devices) // rest
-    if any(s <= 0 for s in sizes) or math.prod(sizes) != len(devices):
+        if rest <= 0 or num_devices % rest:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not divide {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // rest
+    if any(s <= 0 for s in sizes) or math.prod(sizes) != num_devices:
         raise ValueError(
             f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices, "
-            f"{len(devices)} available"
+            f"{num_devices} available"
         )
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    return dict(zip(MESH_AXES, sizes, strict=True))
+
+
+def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor, seq); one size may be -1 (the rest of the devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = tuple(mesh_sizes(shape, len(devices)).values())
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,

@@ -2,7 +2,8 @@
 
 One code path for one CPU, one GPU, a GPU node or a TPU pod slice:
 
-1. flags and config (`configs/base.py` keys; unknown keys / wrong types are errors naming the key);
+1. flags and config (`configs/base.py` keys), the whole run checked by `qwen_jax/run_config.py` before anything
+   is written: a bad flag, key or input file is one line `error: ...` on stderr and exit code 2;
 2. `jax.distributed.initialize` from `--coordinator_address/--num_processes/--process_id` or the
    environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`; or
    `--distributed=auto` for TPU pods / SLURM auto-detection);
@@ -17,8 +18,6 @@ One code path for one CPU, one GPU, a GPU node or a TPU pod slice:
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -27,9 +26,15 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from qwen_jax import run_config
+
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Training config file (configs/*.py).",
-                                          lock_config=True)
+# The config flag reads its overrides from this list, filled by `parse_flags` (not from sys.argv: list-valued
+# overrides are JSON, which ml_collections cannot parse, and are set by `parse_flags` instead).  No default file
+# here, or it would be loaded at import time; `parse_flags` names run_config.DEFAULT_CONFIG_FILE when none is given.
+_FLAG_ARGV: list[str] = []
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (default: configs/base.py).",
+                                          lock_config=True, sys_argv=_FLAG_ARGV)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard events.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
@@ -41,85 +46,23 @@ flags.DEFINE_enum("distributed", "env", ["env", "auto", "off"],
 EXIT_PREEMPTED = 0  # exit code after a SIGTERM-triggered checkpoint (documented in docs/training.md)
 
 
-class ConfigKeyError(ValueError):
-    pass
-
-
-# ---------------------------------------------------------------- config validation
-def _load_config_file(spec: str):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_train_config", path)
-    if module_spec is None or not os.path.exists(path):
-        raise ConfigKeyError(f"--config={spec}: file {path!r} not found")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def _flat_keys(cfg, prefix="") -> dict:
-    out = {}
-    for key, value in cfg.items():
-        name = f"{prefix}{key}"
-        if hasattr(value, "items"):
-            out.update(_flat_keys(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def check_overrides(argv: list[str]) -> None:
-    """Every `--config.<key>=<value>` names an existing key and parses as that key's type."""
-    spec = "configs/base.py"
-    overrides = []
-    args = list(argv[1:])
-    for i, arg in enumerate(args):
-        if arg.startswith("--config="):
-            spec = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(args):
-            spec = args[i + 1]
-        elif arg.startswith(("--config.", "--noconfig.")):
-            body = arg.split(".", 1)[1]
-            key, has_value, value = body.partition("=")
-            if not has_value:
-                value = "false" if arg.startswith("--noconfig.") else (
-                    args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else "true")
-            overrides.append((key, value))
-    if not overrides:
-        return
-    cfg = _load_config_file(spec)
-    keys = _flat_keys(cfg)
-    groups = {k.rsplit(".", 1)[0] for k in keys if "." in k}
-    for key, value in overrides:
-        if key in groups:
-            continue
-        if key not in keys:
-            raise ConfigKeyError(f"unknown config key {key!r} (--config.{key}); valid keys: {', '.join(sorted(keys))}")
-        default = keys[key]
-        kind = type(default)
-        ok = True
-        if kind is bool:
-            ok = value.lower() in ("true", "false", "1", "0", "yes", "no")
-        elif kind is int:
-            try:
-                int(value)
-            except ValueError:
-                ok = False
-        elif kind is float:
-            try:
-                float(value)
-            except ValueError:
-                ok = False
-        if not ok:
-            raise ConfigKeyError(f"config key {key!r} expects {kind.__name__} (default {default!r}), got {value!r}")
+# ---------------------------------------------------------------- command line
+def fail(message) -> None:
+    """The one-line answer to bad input: `error: <message>` on stderr, exit 2."""
+    print("error: " + " ".join(str(message).splitlines()), file=sys.stderr)
+    sys.exit(2)
 
 
 def parse_flags(argv):
+    """absl flags, with the --config overrides checked first and the list-valued ones set from JSON."""
     try:
-        check_overrides(argv)
-    except ConfigKeyError as e:
-        print(f"FATAL config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    return app.parse_flags_with_usage(argv)
+        lists = run_config.check_overrides(argv)
+        _FLAG_ARGV[:] = argv = run_config.absl_argv(argv, lists)
+        rest = FLAGS(argv)
+        run_config.apply_overrides(_CONFIG.value, lists)
+    except (run_config.RunConfigError, flags.Error) as e:
+        fail(e)
+    return rest
 
 
 # ---------------------------------------------------------------- distributed
@@ -144,59 +87,6 @@ def init_distributed(mode: str, address: str | None, num_processes: int | None, 
         jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id)
 
 
-# ---------------------------------------------------------------- model config
-def _parse_overrides(text: str) -> dict:
-    out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigKeyError(f"config key 'model.overrides': expected key=value, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value.strip()
-    return out
-
-
-def init_source(path: str) -> str:
-    """'hf' for a Hugging Face folder, 'orbax' for a CheckpointManager root (numbered step dirs)."""
-    if not os.path.isdir(path):
-        raise ConfigKeyError(f"config key 'model.init_from': {path!r} is not a directory")
-    names = os.listdir(path)
-    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
-        return "hf"
-    if any(n.isdigit() and os.path.isdir(os.path.join(path, n)) for n in names):
-        return "orbax"
-    raise ConfigKeyError(f"config key 'model.init_from': {path!r} is neither a Hugging Face folder (safetensors) "
-                         "nor an Orbax checkpoint root (numbered step directories)")
-
-
-def model_config(config):
-    """(QwenConfig, source kind 'preset' | 'hf' | 'orbax', the QwenConfig overrides applied)."""
-    from configs.model_presets import get_preset
-    from qwen_jax.config import QwenConfig, config_from_dict, load_hf_config
-
-    m = config.model
-    run = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, remat=m.remat,
-               scan_layers=bool(m.scan_layers))
-    arch = _parse_overrides(m.overrides)
-    valid = {f.name for f in dataclasses.fields(QwenConfig)}
-    unknown = sorted(set(arch) - valid)
-    if unknown:
-        raise ConfigKeyError(f"config key 'model.overrides': unknown model key(s) {unknown}; valid: {sorted(valid)}")
-    if not m.init_from:
-        raw = get_preset(m.preset)
-        if "vocab_size" in arch:  # a shrunk vocabulary (tests): special-token ids of the preset would not fit
-            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-                ids = raw.get(key)
-                if any(i >= arch["vocab_size"] for i in (ids if isinstance(ids, list) else [ids]) if i is not None):
-                    raw[key] = None
-        cfg = config_from_dict(raw, source=f"preset {m.preset!r}", **run, **arch)
-        return cfg, "preset", run | arch
-    kind = init_source(m.init_from)
-    return load_hf_config(os.path.join(m.init_from, "config.json"), **run, **arch), kind, run | arch
-
-
 # ---------------------------------------------------------------- main
 def run(config, workdir: str) -> int:
     import jax
@@ -213,35 +103,25 @@ def run(config, workdir: str) -> int:
 
     say = metrics_lib.say
     pidx, pcount = jax.process_index(), jax.process_count()
-    workdir = os.path.abspath(workdir)  # created only once the config has been validated
+    spec = run_config.validate(config, workdir, num_devices=jax.device_count(), process_count=pcount)
+    workdir = spec.workdir  # created only once the config has been validated
 
     # ---- mesh and model
-    mesh_shape = {k: int(v) for k, v in config.mesh.items()}
-    mesh = sh.make_mesh(mesh_shape)
-    cfg, source, overrides = model_config(config)
+    mesh = sh.make_mesh(spec.mesh_shape)
+    cfg, source, overrides = spec.model, spec.source, spec.model_overrides
     lora = lora_lib.spec_from_config(config.get("lora"))  # None when LoRA is off
     cfg, overrides = lora_lib.base_config(cfg, overrides, lora)
     ring = int(mesh.shape["seq"])
-    if ring > 1 and cfg.attention != "ring":
-        raise ConfigKeyError(f"mesh.seq={ring} shards the sequence, which needs ring attention: "
-                             "set model.attention='ring' (or mesh.seq=1)")
-    gbs, seq_len = int(config.data.global_batch_size), int(config.data.seq_len)
-    accum = int(config.grad_accum_steps)
-    if gbs % pcount:
-        raise ConfigKeyError(f"data.global_batch_size={gbs} does not divide over {pcount} processes")
-    if accum < 1 or gbs % accum:
-        raise ConfigKeyError(f"grad_accum_steps={accum} must be >= 1 and divide data.global_batch_size={gbs}")
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (gbs // accum) % batch_ways:
-        raise ConfigKeyError(f"microbatch size {gbs // accum} (global_batch_size / grad_accum_steps) must divide "
-                             f"over data*fsdp={batch_ways} devices")
-    if config.total_steps < 1 or config.save_every < 1:
-        raise ConfigKeyError("total_steps and save_every must be >= 1")
+    gbs, seq_len = spec.stages[0].global_batch_size, spec.stages[0].seq_len
+    accum = spec.grad_accum_steps
     say(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} over {pcount} process(es); "
         f"mesh {dict(mesh.shape)}")
     say(f"model: {source} {config.model.init_from or config.model.preset} | layers {cfg.num_hidden_layers} "
         f"hidden {cfg.hidden_size} vocab {cfg.vocab_size} | dtype {cfg.dtype} params {cfg.param_dtype} | "
         f"remat {cfg.remat} scan_layers {cfg.scan_layers}")
+    if len(spec.stages) > 1:
+        say("data schedule: " + ", ".join(f"{st.global_batch_size} x {st.seq_len} from step {st.start_step}"
+                                          for st in spec.stages))
 
     graphdef, abstract_params, p_sh = ts.param_shardings(cfg, mesh, lora)
     freeze = opt_lib.resolve_freeze(abstract_params, config.freeze, int(config.freeze_layers), cfg.num_hidden_layers)
@@ -259,7 +139,7 @@ def run(config, workdir: str) -> int:
     # ---- data
     if config.synthetic_data:
         data_iter = SyntheticBatches(gbs, seq_len, cfg.vocab_size, seed=int(config.data.get("seed", 0)),
-                                     process_index=pidx, process_count=pcount)
+                                     process_index=pidx, process_count=pcount, stages=spec.stages)
     else:
         from qwen_jax.data import make_pipeline
 
@@ -389,24 +269,32 @@ def export_hf(ckpt_dir: str, out_dir: str, step: int) -> None:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
+        fail(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO through absl: keep stdout readable
         from absl import logging
 
         logging.set_verbosity(logging.WARNING)
     init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    sys.exit(launch(_CONFIG.value, FLAGS.workdir))
+
+
+def launch(config, workdir: str | None) -> int:
+    """`run`, with bad input (a flag, config key or input file) answered by `fail`: one line, exit 2."""
+    try:
+        return run(config, workdir)
+    except user_errors() as e:
+        fail(e)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is written for the user (one line naming the flag, key or file): `fail` prints them."""
     from qwen_jax.config import ConfigError
+    from qwen_jax.data import BadRecordError, DataError
+    from qwen_jax.hf_io import CheckpointError
     from qwen_jax.lora import LoraError
     from qwen_jax.trainer.optimizer import FreezeError
 
-    try:
-        code = run(_CONFIG.value, FLAGS.workdir)
-    except (ConfigKeyError, ConfigError, FreezeError, LoraError) as e:
-        print(f"FATAL config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code)
+    return run_config.RunConfigError, ConfigError, DataError, BadRecordError, CheckpointError, FreezeError, LoraError
 
 
 def cli():

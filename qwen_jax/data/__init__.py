@@ -14,9 +14,10 @@ See ``qwen_jax/data/pipeline.py`` and docs/data.md.
 """
 
 from qwen_jax.data.config import default_config
+from qwen_jax.data.errors import DataError
 from qwen_jax.data.pipeline import BatchIterator, Pipeline, make_pipeline
 from qwen_jax.data.schedule import Stage, parse_schedule
 from qwen_jax.data.tokenization import QWEN2_CHATML_TEMPLATE, BadRecordError
 
-__all__ = ["BadRecordError", "BatchIterator", "Pipeline", "QWEN2_CHATML_TEMPLATE", "Stage", "default_config",
-           "make_pipeline", "parse_schedule"]
+__all__ = ["BadRecordError", "BatchIterator", "DataError", "Pipeline", "QWEN2_CHATML_TEMPLATE", "Stage",
+           "default_config", "make_pipeline", "parse_schedule"]

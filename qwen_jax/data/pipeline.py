@@ -40,9 +40,10 @@ import grain
 import numpy as np
 
 from qwen_jax.data.cache import build_or_load
+from qwen_jax.data.errors import DataError
 from qwen_jax.data.packing import Lane, build_rows
-from qwen_jax.data.schedule import Stage, auto_lanes, parse_schedule, stage_at
-from qwen_jax.data.sources import KINDS, FileSource, RawRecord
+from qwen_jax.data.schedule import Stage, packing_lanes, parse_schedule, stage_at
+from qwen_jax.data.sources import FileSource, RawRecord, source_specs
 from qwen_jax.data.tokenization import (
     BadRecordError,
     Tokenize,
@@ -106,22 +107,6 @@ class _Chunks(grain.MapDataset):
         return [self._parent[j] for j in range(c * self._k, min((c + 1) * self._k, self._n))]
 
 
-def _source_dicts(cfg) -> list[dict]:
-    out = []
-    for s in cfg.sources:
-        s = dict(s)
-        kind = s.get("kind", "chat")
-        if kind not in KINDS:
-            raise ValueError(f"data source {s.get('path')!r}: kind must be one of {KINDS}, got {kind!r}")
-        w = float(s.get("weight", 1.0))
-        if w <= 0:
-            raise ValueError(f"data source {s.get('path')!r}: weight must be > 0")
-        out.append({"path": str(s["path"]), "kind": kind, "weight": w})
-    if not out:
-        raise ValueError("data.sources is empty")
-    return out
-
-
 class Pipeline:
     """Built by :func:`make_pipeline`; see the module docstring."""
 
@@ -131,20 +116,12 @@ class Pipeline:
         if not 0 <= self.process_index < self.process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         if cfg.long_examples not in ("truncate", "split"):
-            raise ValueError(f"data.long_examples must be 'truncate' or 'split', got {cfg.long_examples!r}")
-        self.sources = _source_dicts(cfg)
+            raise DataError(f"data.long_examples must be 'truncate' or 'split', got {cfg.long_examples!r}")
+        self.sources = source_specs(cfg.sources)
         self.stages: list[Stage] = parse_schedule(cfg.seq_len_schedule, seq_len=cfg.seq_len,
                                                   global_batch_size=cfg.global_batch_size,
                                                   hold_tokens_per_batch=cfg.hold_tokens_per_batch)
-        self.num_lanes = int(cfg.num_lanes) or auto_lanes(self.stages)
-        for st in self.stages:
-            if st.global_batch_size % self.num_lanes:
-                raise ValueError(f"data.num_lanes={self.num_lanes} does not divide the batch {st.global_batch_size} "
-                                 f"of stage seq_len={st.seq_len}")
-        if self.num_lanes % self.process_count:
-            raise ValueError(f"process_count {self.process_count} must divide data.num_lanes={self.num_lanes} "
-                             f"(set data.num_lanes; it must divide every stage's global batch: "
-                             f"{[s.global_batch_size for s in self.stages]})")
+        self.num_lanes = packing_lanes(self.stages, cfg.num_lanes, self.process_count)
         self.lanes_per_process = self.num_lanes // self.process_count
         self.first_lane = self.process_index * self.lanes_per_process
 
@@ -160,7 +137,7 @@ class Pipeline:
         self.cached = bool(cfg.cache_dir)
         parts = []
         for k, s in enumerate(self.sources):
-            src = FileSource(k, s["path"])
+            src = FileSource(k, s["path"], strict=not cfg.skip_bad_records)
             if self.cached:
                 src = build_or_load(cfg.cache_dir, src, s["kind"], self.tokenize, worker_count=int(cfg.worker_count))
             ds = grain.MapDataset.source(src)

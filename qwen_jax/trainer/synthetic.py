@@ -6,25 +6,34 @@ as `qwen_jax.data` yields — `input_ids`, `positions`, `segment_ids` (0 = paddi
 [per_process_batch, seq_len], this process's rows of the global batch.  Rows hold one or two
 packed sequences following a learnable rule (next = (a * token + b) mod vocab), a "prompt" part
 without loss, and padding at the end.  Its state is just the step, saved like the pipeline's.
+With `stages` (a progressive length schedule, `qwen_jax.data.schedule`) the shape of step k's
+batch is its stage's, as the pipeline's would be.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+
+from qwen_jax.data.schedule import Stage, stage_at
 
 
 class SyntheticBatches:
     def __init__(self, global_batch_size: int, seq_len: int, vocab_size: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1):
-        if global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} does not divide over {process_count} processes")
-        self.global_batch_size, self.seq_len, self.vocab = global_batch_size, seq_len, vocab_size
+                 process_index: int = 0, process_count: int = 1, stages: Sequence[Stage] = ()):
+        self.stages = list(stages) or [Stage(int(seq_len), 0, int(global_batch_size))]
+        for st in self.stages:
+            if st.global_batch_size % process_count:
+                raise ValueError(f"global batch {st.global_batch_size} does not divide over {process_count} processes")
+        self.vocab = vocab_size
         self.seed, self.process_index, self.process_count = seed, process_index, process_count
         self.step = 0
 
     def global_batch(self, step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng((self.seed, step))
-        b, t, v = self.global_batch_size, self.seq_len, min(self.vocab, 1 << 16)
+        stage = stage_at(self.stages, step)
+        b, t, v = stage.global_batch_size, stage.seq_len, min(self.vocab, 1 << 16)
         ids = np.zeros((b, t + 1), np.int32)
         seg = np.zeros((b, t + 1), np.int32)
         pos = np.zeros((b, t + 1), np.int32)
@@ -60,7 +69,7 @@ class SyntheticBatches:
     def __next__(self) -> dict[str, np.ndarray]:
         batch = self.global_batch(self.step)
         self.step += 1
-        n = self.global_batch_size // self.process_count
+        n = len(batch["input_ids"]) // self.process_count
         lo = self.process_index * n
         return {k: x[lo:lo + n] for k, x in batch.items()}
 
