@@ -142,7 +142,7 @@ def test_launch_with_bad_lora_targets_exits_2_naming_the_key(tmp_path):
     workdir = tmp_path / "run"
     result = tl.run(workdir, "--config.lora.rank=4", "--config.lora.targets=norm", devices=1, timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "FATAL config error: config key 'lora.targets'" in result.stderr and "Traceback" not in result.stderr
+    assert "error: config key 'lora.targets'" in result.stderr and "Traceback" not in result.stderr
     assert not workdir.exists()
 
 
