@@ -164,3 +164,30 @@ def test_default_segment_bound_and_cpu_support():
     assert default_max_segments(4096) == 16 and default_max_segments(32768) == 64
     assert default_max_segments(10**7) == 256
     assert not cudnn_packed_supported()  # CPU: cudnn_attention keeps the dense-mask path, never the packed one
+
+
+def test_model_passes_its_segment_bound_to_attention(monkeypatch):
+    """`attention_max_segments` (settable as --config.model.overrides=attention_max_segments=N) reaches `attend`."""
+    from flax import nnx
+
+    from configs.model_presets import get_preset
+    from qwen_jax import attention as attention_ops
+    from qwen_jax.config import ConfigError, config_from_dict
+    from qwen_jax.model import Qwen
+
+    seen = []
+    real_attend = attention_ops.attend
+
+    def spy(*a, **kw):
+        seen.append(kw["max_segments"])
+        return real_attend(*a, **kw)
+
+    monkeypatch.setattr(attention_ops, "attend", spy)
+    ids = jnp.ones((1, 8), jnp.int32)
+    seg = jnp.asarray([[1] * 5 + [0] * 3], jnp.int32)
+    for bound, expected in ((0, None), (24, 24)):
+        cfg = config_from_dict(get_preset("tiny"), vocab_size=64, attention_max_segments=bound)
+        jax.eval_shape(lambda cfg=cfg: Qwen(cfg, rngs=nnx.Rngs(0))(ids, segment_ids=seg))  # tracing is enough
+        assert seen[-1] == expected
+    with pytest.raises(ConfigError, match="attention_max_segments"):
+        config_from_dict(get_preset("tiny"), attention_max_segments=-1)
