@@ -83,6 +83,8 @@ class QwenConfig:
     scan_layers: bool = False  # lax.scan over decoder layers (compile time) vs unrolled loop
     remat: str = "none"  # rematerialisation policy: none | full | dots | dots_no_batch
     attention_block_size: int = 512  # key/query block for blockwise and ring attention
+    # cuDNN packed layout: bound on documents (runs of segment ids) per row; 0 = from the row length
+    attention_max_segments: int = 0
 
     def __post_init__(self):
         if not self.layer_types:
@@ -177,6 +179,9 @@ class QwenConfig:
             bad("attention", f"must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if self.remat not in ("none", "full", "dots", "dots_no_batch"):
             bad("remat", f"must be none | full | dots | dots_no_batch, got {self.remat!r}")
+        if isinstance(self.attention_max_segments, bool) or not isinstance(self.attention_max_segments, int) \
+                or self.attention_max_segments < 0:
+            bad("attention_max_segments", f"must be a non-negative integer, got {self.attention_max_segments!r}")
 
 
 def _normalise_dtype(name: Any) -> str:

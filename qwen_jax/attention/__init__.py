@@ -7,7 +7,7 @@ repeated in memory).  Causal, packed segments never attend to each other, option
 window (transformers' rule: 0 <= q - k < window).  Implementations:
 
 * `xla`: plain full attention (`reference.py`), the oracle for every other path;
-* `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16);
+* `cudnn`: cuDNN flash attention (GPU, bf16/fp16); packed documents through cuDNN's packed layout;
 * `blockwise`: online softmax over key blocks, O(seq * block) memory (`blockwise.py`);
 * `ring`: sequence parallel over the `seq` mesh axis (`ring.py`);
 * `kernel`: the fastest fused GPU/TPU kernel available (`kernels.py`);
@@ -51,14 +51,18 @@ def resolve_impl(impl: str, dtype=None) -> str:
     return "xla"
 
 
-def attend(q, k, v, *, impl="xla", segment_ids=None, sliding_window=None, scale=None, block_size=512):
+def attend(q, k, v, *, impl="xla", segment_ids=None, sliding_window=None, scale=None, block_size=512,
+           max_segments=None):
+    """`max_segments`: static bound on packed documents per row for cuDNN's packed layout
+    (`kernels.cudnn_attention`; None = derived from the sequence length)."""
     impl = resolve_impl(impl, q.dtype)
     if impl == "xla":
         return xla_attention(q, k, v, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale)
     if impl == "cudnn":
         from qwen_jax.attention.kernels import cudnn_attention
 
-        return cudnn_attention(q, k, v, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale)
+        return cudnn_attention(q, k, v, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale,
+                               max_segments=max_segments)
     if impl == "blockwise":
         from qwen_jax.attention.blockwise import blockwise_attention
 
@@ -72,7 +76,8 @@ def attend(q, k, v, *, impl="xla", segment_ids=None, sliding_window=None, scale=
     if impl == "kernel":
         from qwen_jax.attention.kernels import kernel_attention
 
-        return kernel_attention(q, k, v, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale)
+        return kernel_attention(q, k, v, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale,
+                                max_segments=max_segments)
     raise ValueError(f"unknown attention implementation {impl!r}")
 
 

@@ -1,29 +1,141 @@
-"""Fused attention kernels for GPU/TPU: cuDNN (through `jax.nn.dot_product_attention`) and tokamax (Pallas).
+"""Fused attention kernels for GPU/TPU: cuDNN (through JAX's cuDNN module) and tokamax (Pallas).
 
-* `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`.  No segment-id argument in
-  JAX's public API, so packed batches go through the boolean `mask` (correct, slower).
+* `cudnn`: causal flash attention.  Packed documents (segment ids) go through cuDNN's packed
+  (ragged) layout: each contiguous run of equal segment ids becomes one sequence of its own,
+  described by per-run lengths and offsets (`packed_segments`) under a static bound on runs per
+  row; no [seq, seq] mask is built, and only the within-document triangles are computed.  A
+  row with more runs than the bound falls back, at run time, to the exact blockwise kernel.
+  With a sliding window, or where the packed layout is unavailable, segments go through a dense
+  boolean mask (correct, slow).
 * `kernel`: tokamax's Pallas flash attention (Mosaic GPU on Hopper, Triton elsewhere on GPU,
   Mosaic TPU on TPU).  Packed documents are contiguous runs of equal segment ids, so the mask
   is expressed as a per-query `k_start` (the first key of the query's document, or of its
   sliding window) plus causality: O(seq) mask data, never a [seq, seq] array.  Falls back to
   cuDNN, then XLA, where tokamax is not installed or does not support the shape.
+
+JAX's cuDNN module (`jax._src.cudnn.fused_attention_stablehlo`) is private API; every use of it
+goes through `_cudnn_module()` below and is guarded by a support check with a public fallback.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from qwen_jax.attention.masks import attention_mask
 from qwen_jax.attention.reference import xla_attention
 
+# cuDNN's packed layout needs Hopper and cuDNN >= 9.6; older JAX scaled the key offsets by the
+# query head count (wrong with grouped-query attention), fixed in JAX 0.11.1: before that, K/V
+# heads are repeated for the packed call.
+_PACKED_MIN_CUDNN = 90600
+_PACKED_GQA_FIXED_JAX = (0, 11, 1)
+_PACKED_MASK = "PADDING_CAUSAL"  # causal inside each run; the run lengths are cuDNN's padding
 
-def cudnn_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None):
+
+def default_max_segments(seq_len: int) -> int:
+    """Static bound on runs per row when none is configured: one document per 512 tokens, 16..256.
+
+    The packed kernel keeps float32 softmax statistics of shape [batch * bound, heads, seq] as a
+    backward residual, so the bound trades memory (64 at 32k tokens: as large as the output)
+    against how often a row of many short documents takes the slow exact fallback.
+    """
+    return int(min(256, max(16, seq_len // 512)))
+
+
+def packed_segments(segment_ids, max_segments: int):
+    """Contiguous runs of equal segment ids -> cuDNN's packed layout.
+
+    Returns `(seqlens [b, M] int32, offsets [b, M + 1] int32, fits [b] bool)` with M =
+    `max_segments`: run r of row b starts at `offsets[b, r]` and has `seqlens[b, r]` tokens;
+    entries past the row's last run are -1 (JAX's convention).  Every run is a segment,
+    padding (id 0) included, so padding tokens attend to each other exactly as in the
+    reference mask.  `fits[b]` is False when row b has more than M runs (its layout is then
+    truncated and must not be used).  Assumes each segment id occupies one contiguous run per
+    row, as packed data does (a repeated id in two runs would be two documents here).
+    """
+    seg = jnp.asarray(segment_ids)
+    b, t = seg.shape
+    m = int(max_segments)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    is_start = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    run = jnp.cumsum(is_start, axis=1, dtype=jnp.int32) - 1  # run index of every token
+    n_runs = run[:, -1] + 1
+    slot = jnp.where(is_start & (run < m), run, m)  # slot m is out of range: dropped
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    starts = jnp.full((b, m), t, jnp.int32).at[rows, slot].set(pos, mode="drop")
+    ends = jnp.concatenate([starts[:, 1:], jnp.full((b, 1), t, jnp.int32)], axis=1)
+    valid = jnp.arange(m)[None, :] < n_runs[:, None]
+    seqlens = jnp.where(valid, ends - starts, -1)
+    offsets = jnp.concatenate([jnp.where(valid, starts, -1), jnp.full((b, 1), -1, jnp.int32)], axis=1)
+    return seqlens, offsets, n_runs <= m
+
+
+def segmented_attention(q, k, v, segment_ids, *, scale, max_segments, packed_kernel, fallback):
+    """`packed_kernel(q, k, v, seqlens, offsets, scale=)` when every row fits the bound, else `fallback`.
+
+    The choice is made on the device (`lax.cond`): the bound is static, the data is not.
+    """
+    seqlens, offsets, fits = packed_segments(segment_ids, max_segments)
+    return lax.cond(jnp.all(fits),
+                    lambda: packed_kernel(q, k, v, seqlens, offsets, scale=scale),
+                    lambda: fallback(q, k, v, segment_ids=segment_ids, scale=scale))
+
+
+@functools.cache
+def cudnn_packed_supported() -> bool:
+    """cuDNN packed layout usable here: CUDA GPU of compute capability >= 9.0, cuDNN >= 9.6, API as expected."""
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        import inspect
+
+        fa = _cudnn_module()
+        params = inspect.signature(fa.dot_product_attention).parameters
+        if not all(n in params for n in ("q_seqlen", "kv_seqlen", "q_offsets", "kv_offsets")):
+            return False
+        if not hasattr(fa.MaskType, _PACKED_MASK):
+            return False
+        cc = tuple(int(x) for x in jax.devices()[0].compute_capability.split("."))
+        return cc >= (9, 0) and fa.check_cudnn_version() >= _PACKED_MIN_CUDNN
+    except Exception:
+        return False
+
+
+def cudnn_packed_attention(q, k, v, seqlens, offsets, *, scale):
+    """Causal attention inside each packed run (`packed_segments` layout) through cuDNN; differentiable."""
+    fa = _cudnn_module()
+    h, kv = q.shape[2], k.shape[2]
+    if kv != h and tuple(jax.__version_info__[:3]) < _PACKED_GQA_FIXED_JAX:
+        k, v = (jnp.repeat(x, h // kv, axis=2) for x in (k, v))
+    return fa.dot_product_attention(q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets,
+                                    kv_offsets=offsets, scale=scale, mask_type=getattr(fa.MaskType, _PACKED_MASK),
+                                    qkv_layout="BTNH")
+
+
+def cudnn_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None, max_segments=None):
+    """Causal flash attention through cuDNN (GPU, 16-bit inputs).
+
+    `segment_ids` [batch, seq]: packed documents through the packed layout with at most
+    `max_segments` runs per row (None: `default_max_segments(seq)`; 0: dense mask instead);
+    rows over the bound take the exact blockwise kernel.  With a sliding window, or where the
+    packed layout is unavailable, segments are a dense [batch, 1, seq, seq] mask.
+    """
     t, s = q.shape[1], k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     window = None if sliding_window is None else (sliding_window - 1, 0)
     if segment_ids is None:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=window,
                                             implementation="cudnn")
+    bound = default_max_segments(t) if max_segments is None else int(max_segments)
+    if bound > 0 and sliding_window is None and t == s and cudnn_packed_supported():
+        from qwen_jax.attention.blockwise import blockwise_attention
+
+        return segmented_attention(q, k, v, segment_ids, scale=scale, max_segments=bound,
+                                   packed_kernel=cudnn_packed_attention, fallback=blockwise_attention)
     mask = attention_mask(t, s, causal=True, sliding_window=sliding_window, q_segment_ids=segment_ids,
                           kv_segment_ids=segment_ids)[:, None]
     return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, implementation="cudnn")
@@ -138,7 +250,7 @@ def tokamax_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=N
     raise NotImplementedError("; ".join(errors) or f"no tokamax attention kernel for {platform}")
 
 
-def kernel_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None):
+def kernel_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None, max_segments=None):
     """The fastest fused kernel available: tokamax, else cuDNN (GPU, 16-bit), else XLA."""
     if jax.default_backend() in ("gpu", "tpu") and tokamax_available():
         try:
@@ -146,5 +258,6 @@ def kernel_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=No
         except NotImplementedError:
             pass
     if jax.default_backend() == "gpu" and q.dtype.itemsize == 2:
-        return cudnn_attention(q, k, v, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale)
+        return cudnn_attention(q, k, v, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale,
+                               max_segments=max_segments)
     return xla_attention(q, k, v, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale)

@@ -45,7 +45,8 @@ class Attention(nnx.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             out = attention_ops.attend(q, k, v, impl=impl, segment_ids=segment_ids, sliding_window=sliding_window,
-                                       block_size=self.cfg.attention_block_size)
+                                       block_size=self.cfg.attention_block_size,
+                                       max_segments=self.cfg.attention_max_segments or None)
         out = constrain(out, ("batch", "length", "act_heads", None))
         return self.o_proj(out)
 
