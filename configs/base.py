@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = False  # lax.scan over decoder layers: faster compiles for deep models
 
     # ---- mesh: sizes of the named axes; one may be -1 (= the remaining devices)
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "seq": 1})
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1, "seq": 1})
 
     # ---- optimizer: AdamW, warmup then cosine/linear/constant decay, global-norm clipping
     c.optimizer = ml_collections.ConfigDict()

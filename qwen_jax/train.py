@@ -228,10 +228,10 @@ def run(config, workdir: str) -> int:
         raise ConfigKeyError(f"data.global_batch_size={gbs} does not divide over {pcount} processes")
     if accum < 1 or gbs % accum:
         raise ConfigKeyError(f"grad_accum_steps={accum} must be >= 1 and divide data.global_batch_size={gbs}")
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     if (gbs // accum) % batch_ways:
         raise ConfigKeyError(f"microbatch size {gbs // accum} (global_batch_size / grad_accum_steps) must divide "
-                             f"over data*fsdp={batch_ways} devices")
+                             f"over data*fsdp*expert={batch_ways} devices")
     if config.total_steps < 1 or config.save_every < 1:
         raise ConfigKeyError("total_steps and save_every must be >= 1")
     say(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} over {pcount} process(es); "
