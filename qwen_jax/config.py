@@ -384,7 +384,8 @@ def _moe_fields(raw: Mapping, get, source: str) -> dict:
     if not isinstance(mlp_only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in mlp_only):
         raise ConfigError(f"{source}: key 'mlp_only_layers' must be a list of layer indices, got {mlp_only!r}")
     return dict(
-        num_experts=get("num_experts", 60 if qwen2 else 128, int),
+        # transformers v5 writes Qwen3-MoE's count as num_local_experts; the released files say num_experts
+        num_experts=get("num_experts", raw.get("num_local_experts", 60 if qwen2 else 128), int),
         num_experts_per_tok=get("num_experts_per_tok", 4 if qwen2 else 8, int),
         moe_intermediate_size=get("moe_intermediate_size", 1408 if qwen2 else 768, int),
         shared_expert_intermediate_size=get("shared_expert_intermediate_size", 5632, int) if qwen2 else 0,

@@ -188,6 +188,16 @@ def hf_blocks(spec: ParamSpec, num_layers: int) -> list[tuple[str, tuple[int, ..
     return [(spec.hf_name.format(i=i), (k,)) for k, i in enumerate(layers)]
 
 
+def read_stacked(reader, spec: ParamSpec, position: int, layer_shape: tuple[int, ...]) -> np.ndarray:
+    """Position `position` of a stacked parameter in our layout (`layer_shape`: without the layer
+    axis); a per-expert parameter reads and stacks all its experts."""
+    layer = position if spec.layers is None else spec.layers[position]
+    if not spec.experts:
+        return to_ours(spec, reader.read(spec.hf_name.format(i=layer)), layer_shape)
+    return np.stack([to_ours(spec, reader.read(spec.hf_name.format(i=layer, e=e)), layer_shape[1:])
+                     for e in range(spec.experts)])
+
+
 def hf_names(spec: ParamSpec, num_layers: int) -> list[str]:
     return [name for name, _ in hf_blocks(spec, num_layers)]
 
@@ -402,6 +412,9 @@ class ExpertsReader:
 
     def numpy_dtype(self, name: str) -> np.dtype:
         return self.reader.numpy_dtype(self._virtual[name][0] if name in self._virtual else name)
+
+    def nbytes(self, name: str) -> int:
+        return int(np.prod(self.shape(name), dtype=np.int64)) * self.numpy_dtype(name).itemsize
 
     def read(self, name: str) -> np.ndarray:
         if name not in self._virtual:

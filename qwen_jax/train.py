@@ -294,7 +294,8 @@ def run(config, workdir: str) -> int:
 
     train_step = ts.make_train_step(graphdef, tx, schedule, freeze, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
                                     chunk_size=int(config.loss.chunk_size), z_loss=float(config.loss.z_loss),
-                                    grad_accum_steps=accum, zigzag=ring > 1)
+                                    grad_accum_steps=accum, zigzag=ring > 1,
+                                    router_z_loss_weight=float(config.loss.router_z_loss))
     logger = metrics_lib.MetricsLogger(
         workdir, peak_flops=metrics_lib.peak_flops_per_device(float(config.peak_flops_per_device)),
         num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0)
