@@ -164,6 +164,7 @@ def _one_step(folder, mesh_shape, devices):
     return jax.tree.map(np.asarray, state["opt_state"]["grads"]), {k: float(v) for k, v in metrics.items()}, state
 
 
+@pytest.mark.slow  # two train-step compilations (ragged_dot gradients compile slowly on CPU)
 def test_train_step_expert_mesh_equals_one_device(folders):
     folder = folders["qwen2_ep"][0]
     grads1, m1, _ = _one_step(folder, {"fsdp": 1}, 1)
@@ -183,13 +184,15 @@ def test_train_step_expert_mesh_equals_one_device(folders):
 
 
 # ---------------------------------------------------------------- conversion both ways
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2_mixed_untied", "qwen3_mixed_tied"])
 def test_convert_round_trip_bit_exact(folders, tmp_path, name):
     from tools import convert
 
     folder = folders[name][0]
     ckpt = convert.hf_to_orbax(str(folder), str(tmp_path / "ckpt"))
-    back = convert.orbax_to_hf(ckpt, str(tmp_path / "hf"), max_shard_size="40KB")
+    # allow_lint_errors: the random test models have no eos token (QL-EOS-07), unrelated to the experts
+    back = convert.orbax_to_hf(ckpt, str(tmp_path / "hf"), max_shard_size="40KB", allow_lint_errors=True)
     original = load_file(folder / "model.safetensors")
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
     assert len({*index.values()}) > 1  # several shards
