@@ -93,6 +93,12 @@ def _qwen3_moe(**arch) -> dict:
                   num_key_value_heads=4, tie_word_embeddings=False, **arch)
 
 
+_QWEN2_57B_A14B = dict(  # architecture shared by Qwen2-57B-A14B and its -Instruct
+    hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+    max_window_layers=28, moe_intermediate_size=2560, shared_expert_intermediate_size=20480, num_experts=64,
+    num_experts_per_tok=8,
+)
+
 PRESETS: dict[str, dict] = {
     # ------------------------------------------------------------------ Qwen2 (June 2024)
     # Qwen/Qwen2-0.5B.  Read: github.com/rwth-i6/i6_experiments
@@ -250,23 +256,17 @@ PRESETS: dict[str, dict] = {
     # Qwen/Qwen2-57B-A14B.  Read: QWEN2_57B_A14B_CONFIG of a TensorRT-LLM-style test (transformers 4.40.1):
     # every key below as there.
     "qwen2-57b-a14b": _qwen2_moe(
-        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, max_position_embeddings=131072, sliding_window=131072, max_window_layers=28,
-        moe_intermediate_size=2560, shared_expert_intermediate_size=20480, num_experts=64, num_experts_per_tok=8,
-        eos_token_id=151643,
+        **_QWEN2_57B_A14B, max_position_embeddings=131072, sliding_window=131072, eos_token_id=151643,
     ),
     # Qwen/Qwen2-57B-A14B-Instruct: the base architecture; the instruct file ends turns at <|im_end|>
     # (eos 151645) and says 32768 positions (65536 with the YaRN recipe of its model card).  These two
     # values are from the published file as remembered, not found in the searchable copies.
     "qwen2-57b-a14b-instruct": _qwen2_moe(
-        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, max_position_embeddings=32768, sliding_window=32768, max_window_layers=28,
-        moe_intermediate_size=2560, shared_expert_intermediate_size=20480, num_experts=64, num_experts_per_tok=8,
-        eos_token_id=151645,
+        **_QWEN2_57B_A14B, max_position_embeddings=32768, sliding_window=32768, eos_token_id=151645,
     ),
     # Qwen/Qwen3-30B-A3B (30.5B total, 3.3B active).  Shapes read: slime scripts/models/qwen3-30B-A3B.sh
     # (48 layers, hidden 2048, ffn 6144, moe ffn 768, 128 experts, top-8, 32 q / 4 kv heads, kv channels 128);
-    # total 30532122624 from keras-hub's qwen3_moe preset metadata (checked by tests/test_presets.py).
+    # total 30532122624 in keras-hub's qwen3_moe preset metadata, equal to num_params of this preset.
     "qwen3-30b-a3b": _qwen3_moe(
         hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
         moe_intermediate_size=768, max_window_layers=48,

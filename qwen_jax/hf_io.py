@@ -60,14 +60,14 @@ class ParamSpec(NamedTuple):
 
 def param_table(cfg: QwenConfig) -> list[ParamSpec]:
     """Every parameter this config has, with its Hugging Face name and layout transform."""
-    layer = "model.layers.{i}."
     table = [
         ParamSpec(("embed_tokens", "embedding"), "model.embed_tokens.weight", "copy"),
         ParamSpec(("norm", "scale"), "model.norm.weight", "copy"),
     ]
     for stack, indices in layer_stacks(cfg).items():
         at = None if indices == tuple(range(cfg.num_hidden_layers)) else indices
-        table += [spec._replace(path=(stack, *spec.path), layers=at) for spec in _layer_specs(cfg, cfg.is_sparse(indices[0]))]
+        specs = _layer_specs(cfg, cfg.is_sparse(indices[0]))
+        table += [spec._replace(path=(stack, *spec.path), layers=at) for spec in specs]
     if not cfg.tie_word_embeddings:
         table.append(ParamSpec(("lm_head", "kernel"), "lm_head.weight", "t"))
     return table

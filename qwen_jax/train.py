@@ -241,6 +241,9 @@ def run(config, workdir: str) -> int:
         f"remat {cfg.remat} scan_layers {cfg.scan_layers}")
 
     graphdef, abstract_params, p_sh = ts.param_shardings(cfg, mesh)
+    if int(config.freeze_layers) and "dense_layers" in abstract_params:
+        raise ConfigKeyError("freeze_layers counts positions in a layer stack; this model mixes dense and sparse "
+                             "layers (two stacks, docs/moe.md): use freeze='<regex>' instead")
     freeze = opt_lib.resolve_freeze(abstract_params, config.freeze, int(config.freeze_layers), cfg.num_hidden_layers)
     counts = freeze.summary(abstract_params)
     say(f"parameters: {counts['trainable']:,} trainable / {counts['total']:,} total "

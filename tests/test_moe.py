@@ -103,9 +103,10 @@ def test_fused_expert_layout_reads_the_same(folders, tmp_path):
         prefix = f"model.layers.{layer}.mlp.experts"
         if f"{prefix}.0.gate_proj.weight" not in tensors:
             continue
-        per = [[tensors.pop(f"{prefix}.{e}.{p}.weight") for e in range(7)] for p in ("gate_proj", "up_proj", "down_proj")]
-        fused[f"{prefix}.gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(per[0], per[1], strict=True)])
-        fused[f"{prefix}.down_proj"] = np.stack(per[2])
+        gate, up, down = ([tensors.pop(f"{prefix}.{e}.{p}.weight") for e in range(7)]
+                          for p in ("gate_proj", "up_proj", "down_proj"))
+        fused[f"{prefix}.gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up, strict=True)])
+        fused[f"{prefix}.down_proj"] = np.stack(down)
     np.testing.assert_array_equal(fused["model.layers.1.mlp.experts.gate_up_proj"],
                                   hf.model.layers[1].mlp.experts.gate_up_proj.detach().numpy())
     save_file({**tensors, **fused}, tmp_path / "model.safetensors")

@@ -87,7 +87,8 @@ def test_transformers_agrees_on_parameter_count(name):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     preset = get_preset(name)
-    classes = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe"}[preset["model_type"]]
+    classes = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen2_moe": "Qwen2Moe",
+               "qwen3_moe": "Qwen3Moe"}[preset["model_type"]]
     hf_config = getattr(transformers, f"{classes}Config")(**preset)
     model_cls = getattr(transformers, f"{classes}ForCausalLM")
     for key in ARCH_KEYS:
