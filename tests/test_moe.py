@@ -80,7 +80,8 @@ def test_layer_stacks_follow_sparse_step_and_mlp_only_layers(folders):
 
 @pytest.mark.parametrize("name", ["qwen2_ep", "qwen3_mixed_tied"])
 def test_logits_on_expert_mesh(folders, name):
-    """8 CPU devices, expert=4 x fsdp=2: experts sharded when 4 divides their count (8), replicated when not (7)."""
+    """8 CPU devices, expert=4 x fsdp=2: experts sharded and computed per device (shard_map) when 4 divides their
+    count (8), replicated when not (7)."""
     folder, hf = folders[name]
     ids = random_ids(4, 12)
     ref = hf_logits(hf, ids)
@@ -91,7 +92,9 @@ def test_logits_on_expert_mesh(folders, name):
     assert w.sharding.spec[:3] == (None, expected, "fsdp")
     with jax.set_mesh(mesh):
         out = _forward(model, ids)
+        program = str(jax.make_jaxpr(lambda x: model(x))(jnp.asarray(ids)))
     assert np.abs(out - ref).max() <= TOL
+    assert ("shard_map" in program) == (expected == "expert")  # expert-parallel path only when 4 divides E
 
 
 def test_fused_expert_layout_reads_the_same(folders, tmp_path):
@@ -208,3 +211,32 @@ def test_convert_round_trip_bit_exact(folders, tmp_path, name):
     again = qwen_jax.from_pretrained(back)
     ids = random_ids(1, 9)
     np.testing.assert_array_equal(_forward(again, ids), _forward(qwen_jax.from_pretrained(folder), ids))
+
+
+# ---------------------------------------------------------------- the trainer end to end
+@pytest.mark.slow
+def test_trainer_runs_moe_on_expert_mesh_and_exports(tmp_path):
+    """`python -m qwen_jax.train` on a cut-down Qwen3-30B-A3B preset, mesh expert=2 x fsdp=1: router losses
+    logged, and the Hugging Face export loads in transformers with the logits of the trained checkpoint."""
+    import train_launch
+
+    arch = ("num_hidden_layers=2,hidden_size=64,intermediate_size=96,moe_intermediate_size=32,num_experts=6,"
+            "num_experts_per_tok=3,num_attention_heads=4,num_key_value_heads=2,head_dim=16")
+    run = train_launch.run(tmp_path / "run", "--config=configs/base.py", "--config.synthetic_data=true",
+                           "--config.model.preset=qwen3-30b-a3b",
+                           f"--config.model.overrides={arch}", "--config.total_steps=2", "--config.save_every=2",
+                           "--config.export_hf=true", "--config.mesh.fsdp=1", "--config.mesh.expert=2",
+                           "--config.loss.router_z_loss=0.001", *train_launch.TINY_ARGS[3:7], timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    records = train_launch.all_records(tmp_path / "run")
+    assert all(r["router_aux_loss"] > 0.5 and r["router_z_loss"] > 0 for r in records)
+    export = tmp_path / "run" / "hf_export"
+    hf_config = json.loads((export / "config.json").read_text())
+    assert hf_config["model_type"] == "qwen3_moe" and hf_config["num_experts"] == 6
+    from transformers import Qwen3MoeForCausalLM
+
+    hf, info = Qwen3MoeForCausalLM.from_pretrained(export, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = random_ids(1, 9, vocab=hf_config["vocab_size"])
+    ours = _forward(qwen_jax.from_pretrained(export), ids)
+    assert np.abs(ours - hf_logits(hf.eval(), ids)).max() <= TOL

@@ -11,7 +11,8 @@ computed, whatever the load.
 
 Expert weights are stacked `[experts, ...]` with the logical axis `experts`, which
 `qwen_jax.sharding` maps to the `expert` mesh axis (expert parallelism): each device stores
-its experts; XLA's partitioner gathers what the grouped matmuls need.
+and computes its own experts (`expert_parallel_swiglu`); an expert count the axis does not
+divide falls back to one grouped computation that XLA's partitioner distributes.
 
 The router also returns the statistics the load-balancing loss needs (per-expert top-k
 counts and probability sums, the z-loss sum), so training needs no second pass over the
@@ -74,22 +75,54 @@ def router_z_loss(stats: RouterStats) -> jax.Array:
     return stats.z / jnp.maximum(stats.tokens, 1.0)
 
 
-def grouped_swiglu(x, weights, experts, w_gate, w_up, w_down):
+def grouped_swiglu(x, weights, experts, w_gate, w_up, w_down, first_expert=0):
     """Dropless routed experts: x [n, e], weights/experts [n, k], w_gate/w_up [E, e, m], w_down [E, m, e] -> [n, e].
 
     Assignments are sorted by expert (stable, so equal experts keep token order) and each
-    projection is one `ragged_dot` over the expert groups.
+    projection is one `ragged_dot` over the expert groups.  The weights may hold only experts
+    `first_expert .. first_expert + E - 1` (expert parallelism): assignments to other experts sort
+    after every group and contribute zero.
     """
     n, k = experts.shape
-    flat = experts.reshape(-1)
+    local = w_gate.shape[0]
+    ids = experts - first_expert
+    mine = (ids >= 0) & (ids < local)
+    flat = jnp.where(mine, ids, local).reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=w_gate.shape[0]).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat, length=local + 1)[:local].astype(jnp.int32)
     rows = jnp.take(x, order // k, axis=0)  # [n*k, e], grouped by expert
     h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, group_sizes)) * jax.lax.ragged_dot(rows, w_up, group_sizes)
     out = jax.lax.ragged_dot(h.astype(x.dtype), w_down, group_sizes)
-    out = out * jnp.take(weights.reshape(-1), order)[:, None].astype(out.dtype)
+    scale = jnp.where(mine, weights, jnp.zeros_like(weights)).reshape(-1)
+    out = out * jnp.take(scale, order)[:, None].astype(out.dtype)
     unsorted = jnp.take(out, jnp.argsort(order), axis=0)  # back to (token, k) order
     return jnp.sum(unsorted.reshape(n, k, -1), axis=1).astype(x.dtype)
+
+
+def expert_axis_size() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or "expert" not in mesh.axis_names else int(mesh.shape["expert"])
+
+
+def expert_parallel_swiglu(x, weights, experts, w_gate, w_up, w_down):
+    """`grouped_swiglu` with the experts split over the `expert` mesh axis (a `shard_map` manual in
+    that axis only; data/fsdp/tensor stay automatic): each device all-gathers the token rows of the
+    axis, computes its own experts' assignments, and the partial outputs are reduce-scattered back
+    to the token shards.  Each device stores 1/size of the expert weights and its groups hold only
+    the rows routed to its experts (the rows routed elsewhere lie past the last group, where
+    `ragged_dot` writes zeros); the exchange is an all-gather plus a reduce-scatter of
+    [tokens, embed], not an all-to-all of the routed rows."""
+    def gather(a):
+        return jax.lax.all_gather(a, "expert", tiled=True)
+
+    def local(x, weights, experts, w_gate, w_up, w_down):
+        first = jax.lax.axis_index("expert") * w_gate.shape[0]
+        y = grouped_swiglu(gather(x), gather(weights), gather(experts), w_gate, w_up, w_down, first_expert=first)
+        return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+
+    spec = jax.sharding.PartitionSpec("expert")
+    return jax.shard_map(local, in_specs=(spec,) * 6, out_specs=spec, axis_names={"expert"},
+                         check_vma=False)(x, weights, experts, w_gate, w_up, w_down)
 
 
 class Experts(nnx.Module):
@@ -105,6 +138,9 @@ class Experts(nnx.Module):
 
     def __call__(self, x, weights, experts):
         w = [p.value.astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        size = expert_axis_size()
+        if size > 1 and w[0].shape[0] % size == 0 and x.shape[0] % size == 0:
+            return expert_parallel_swiglu(x.astype(self.dtype), weights, experts, *w)
         return grouped_swiglu(x.astype(self.dtype), weights, experts, *w)
 
 
