@@ -303,13 +303,15 @@ def config_from_dict(raw: Mapping, source: str = "config.json", **overrides) -> 
     if sliding_window is not None:
         sliding_window = get("sliding_window", 4096, int)
     layer_types = raw.get("layer_types")
+    # derived per-layer kinds follow an overridden depth (e.g. a preset cut to 2 layers)
+    depth = overrides.get("num_hidden_layers", layers) if layer_types is None else layers
     if layer_types is None and model_type in MOE_MODEL_TYPES:
-        layer_types = _moe_layer_types(model_type, layers, sliding_window, get("max_window_layers", 28, int))
+        layer_types = _moe_layer_types(model_type, depth, sliding_window, get("max_window_layers", 28, int))
     if layer_types is None:
         max_window_layers = get("max_window_layers", 28, int)
         layer_types = [
             "sliding_attention" if sliding_window is not None and i >= max_window_layers else "full_attention"
-            for i in range(layers)
+            for i in range(depth)
         ]
     elif not isinstance(layer_types, list):
         raise ConfigError(f"{source}: key 'layer_types' must be a list, got {type(layer_types).__name__}")

@@ -51,6 +51,26 @@ def _forward(model, ids):
     return np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
 
 
+def test_config_keys():
+    """MoE keys read with transformers' defaults, written back by to_hf_dict; v5's num_local_experts spelling;
+    a depth override keeps the derived layer kinds in step."""
+    from configs.model_presets import get_preset
+    from qwen_jax.config import config_from_dict, to_hf_dict
+
+    raw = get_preset("qwen3-30b-a3b")
+    cfg = config_from_dict(raw)
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.norm_topk_prob,
+            cfg.shared_expert_intermediate_size, cfg.router_aux_loss_coef) == (128, 8, 768, True, 0, 0.001)
+    back = to_hf_dict(cfg)
+    assert back["architectures"] == ["Qwen3MoeForCausalLM"] and "shared_expert_intermediate_size" not in back
+    assert config_from_dict(back) == cfg
+    v5 = {k: v for k, v in raw.items() if k != "num_experts"} | {"num_local_experts": 16}
+    assert config_from_dict(v5).num_experts == 16
+    assert config_from_dict(raw, num_hidden_layers=2).layer_types == ("full_attention",) * 2
+    qwen2 = config_from_dict({**get_preset("qwen1.5-moe-a2.7b"), "qkv_bias": False, "mlp_only_layers": [3, 1]})
+    assert not qwen2.attention_bias and qwen2.mlp_only_layers == (1, 3) and not qwen2.is_sparse(3)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_logits_match_transformers(folders, name):
     folder, hf = folders[name]
