@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = False  # lax.scan over decoder layers: faster compiles for deep models
 
     # ---- mesh: sizes of the named axes; one may be -1 (= the remaining devices)
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "seq": 1})
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1, "seq": 1})
 
     # ---- optimizer: AdamW, warmup then cosine/linear/constant decay, global-norm clipping
     c.optimizer = ml_collections.ConfigDict()
@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.chunk_size = 1024  # tokens per sequence chunk of the output projection (bounds logits memory)
     c.loss.z_loss = 0.0  # weight of mean(logsumexp^2) over loss tokens (0 = off)
+    c.loss.router_z_loss = 0.0  # MoE: weight of the router z-loss (the load-balancing weight is router_aux_loss_coef)
     c.grad_accum_steps = 1  # microbatches per step (global_batch_size must divide by it)
 
     # ---- freezing (trainable = everything not frozen; a pattern that matches nothing is an error)

@@ -1,4 +1,4 @@
-"""Hugging Face `config.json`-shaped presets for the dense Qwen2, Qwen2.5 and Qwen3 models.
+"""Hugging Face `config.json`-shaped presets for the Qwen2, Qwen2.5 and Qwen3 models (dense and MoE).
 
 Each entry reproduces the architecture keys of the published `config.json` of one Hugging Face
 repository (named in the comment above it, with where the values were read).  Keys that only
@@ -6,9 +6,10 @@ matter to transformers' runtime (`use_cache`, `attention_dropout`, `initializer_
 `transformers_version`, `use_mrope`) are kept where they are part of the file, except
 `use_mrope` (an unused legacy flag of some Qwen2.5 files), which is left out.
 
-Released sizes.  Qwen2: 0.5B, 1.5B, 7B, 72B (plus the 57B-A14B MoE, not dense: not here).
+Released sizes.  Qwen2: 0.5B, 1.5B, 7B, 72B and the 57B-A14B MoE.
 There is no Qwen2-3B/14B/32B.  Qwen2.5: 0.5B, 1.5B, 3B, 7B, 14B, 32B, 72B.  Qwen3 dense:
-0.6B, 1.7B, 4B, 8B, 14B, 32B (MoE 30B-A3B / 235B-A22B are not dense: not here).
+0.6B, 1.7B, 4B, 8B, 14B, 32B; Qwen3 MoE: 30B-A3B, 235B-A22B.  Before them Qwen1.5-MoE-A2.7B
+(model_type qwen2_moe).
 
 Qwen2 / Qwen2.5 presets are the *base* (pre-trained) repos.  Qwen3 presets are the
 `Qwen/Qwen3-<size>` repos (the released post-trained, hybrid-thinking checkpoints): those are
@@ -76,6 +77,27 @@ def _qwen3(**arch) -> dict:
         **arch,
     }
 
+
+def _qwen2_moe(**arch) -> dict:
+    """A Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B) config.json: common keys, then `arch`."""
+    return _qwen2(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", decoder_sparse_step=1,
+                  norm_topk_prob=False, output_router_logits=False, router_aux_loss_coef=0.001, rms_norm_eps=1e-06,
+                  vocab_size=151936, tie_word_embeddings=False, **arch)
+
+
+def _qwen3_moe(**arch) -> dict:
+    """A Qwen3-MoE config.json: the Qwen3 keys plus the expert keys common to 30B-A3B and 235B-A22B."""
+    return _qwen3(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", decoder_sparse_step=1,
+                  mlp_only_layers=[], norm_topk_prob=True, num_experts=128, num_experts_per_tok=8,
+                  output_router_logits=False, router_aux_loss_coef=0.001, max_position_embeddings=40960,
+                  num_key_value_heads=4, tie_word_embeddings=False, **arch)
+
+
+_QWEN2_57B_A14B = dict(  # architecture shared by Qwen2-57B-A14B and its -Instruct
+    hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+    max_window_layers=28, moe_intermediate_size=2560, shared_expert_intermediate_size=20480, num_experts=64,
+    num_experts_per_tok=8,
+)
 
 PRESETS: dict[str, dict] = {
     # ------------------------------------------------------------------ Qwen2 (June 2024)
@@ -219,6 +241,41 @@ PRESETS: dict[str, dict] = {
     "qwen3-32b": _qwen3(
         hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
         num_key_value_heads=8, max_position_embeddings=40960, tie_word_embeddings=False, max_window_layers=64,
+    ),
+    # ------------------------------------------------------------------ mixture of experts
+    # Qwen/Qwen1.5-MoE-A2.7B (14.3B total, 2.7B active).  Expert keys read: the planner table "Qwen/
+    # Qwen1.5-MoE-A2.7B-Chat (config.json ...)" and a GPTQ copy's config.json (router_aux_loss_coef 0.001,
+    # sliding_window 32768, max_window_layers 21); max_position_embeddings 8192 for the base repo (the
+    # -Chat file says 32768), from an HfConfigExtractor test fixture of the base config.
+    "qwen1.5-moe-a2.7b": _qwen2_moe(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+        num_key_value_heads=16, max_position_embeddings=8192, sliding_window=32768, max_window_layers=21,
+        moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
+        eos_token_id=151643,
+    ),
+    # Qwen/Qwen2-57B-A14B.  Read: QWEN2_57B_A14B_CONFIG of a TensorRT-LLM-style test (transformers 4.40.1):
+    # every key below as there.
+    "qwen2-57b-a14b": _qwen2_moe(
+        **_QWEN2_57B_A14B, max_position_embeddings=131072, sliding_window=131072, eos_token_id=151643,
+    ),
+    # Qwen/Qwen2-57B-A14B-Instruct: the base architecture; the instruct file ends turns at <|im_end|>
+    # (eos 151645) and says 32768 positions (65536 with the YaRN recipe of its model card).  These two
+    # values are from the published file as remembered, not found in the searchable copies.
+    "qwen2-57b-a14b-instruct": _qwen2_moe(
+        **_QWEN2_57B_A14B, max_position_embeddings=32768, sliding_window=32768, eos_token_id=151645,
+    ),
+    # Qwen/Qwen3-30B-A3B (30.5B total, 3.3B active).  Shapes read: slime scripts/models/qwen3-30B-A3B.sh
+    # (48 layers, hidden 2048, ffn 6144, moe ffn 768, 128 experts, top-8, 32 q / 4 kv heads, kv channels 128);
+    # total 30532122624 in keras-hub's qwen3_moe preset metadata, equal to num_params of this preset.
+    "qwen3-30b-a3b": _qwen3_moe(
+        hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+        moe_intermediate_size=768, max_window_layers=48,
+    ),
+    # Qwen/Qwen3-235B-A22B.  Shapes read: slime scripts/models/qwen3-235B-A22B.sh (94 layers, hidden 4096,
+    # ffn 12288, moe ffn 1536, 128 experts, top-8, 64 q / 4 kv heads).
+    "qwen3-235b-a22b": _qwen3_moe(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=94, num_attention_heads=64,
+        moe_intermediate_size=1536, max_window_layers=94,
     ),
     # ------------------------------------------------------------------ demos / tests
     # Not a released model: random-init toy (~9.8M parameters, almost all embedding) whose vocab covers

@@ -21,11 +21,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
-NOT_YET_SUPPORTED = {
-    "qwen2_moe": "Qwen2-MoE (mixture of experts) is not supported yet",
-    "qwen3_moe": "Qwen3-MoE (mixture of experts) is not supported yet",
-}
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
+MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+            "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise", "ring", "kernel")
 # Keys of a YaRN/linear/dynamic dict we understand; anything else is kept but unused.
@@ -76,6 +75,15 @@ class QwenConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple = ()
     pad_token_id: int | None = None
+    # ---- mixture of experts (qwen2_moe / qwen3_moe; num_experts = 0: dense) ----
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # qwen2_moe's shared expert (0 = none, as qwen3_moe)
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 and i not in mlp_only_layers
+    mlp_only_layers: tuple = ()
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training
     # ---- how to run it (not Hugging Face keys) ----
     dtype: str = "float32"  # compute dtype of activations / matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
@@ -110,6 +118,20 @@ class QwenConfig:
         if self.layer_types[layer] == "sliding_attention" and self.sliding_window is not None:
             return int(self.sliding_window)
         return None
+
+    @property
+    def family(self) -> str:
+        """The attention flavour, qwen2 or qwen3: a mixture-of-experts model shares its dense sibling's."""
+        return self.model_type.removesuffix("_moe")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.model_type in MOE_MODEL_TYPES and self.num_experts > 0
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether decoder layer `layer` has the mixture-of-experts block (transformers' rule)."""
+        return (self.is_moe and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     @property
     def num_groups(self) -> int:
@@ -182,6 +204,18 @@ class QwenConfig:
         if isinstance(self.attention_max_segments, bool) or not isinstance(self.attention_max_segments, int) \
                 or self.attention_max_segments < 0:
             bad("attention_max_segments", f"must be a non-negative integer, got {self.attention_max_segments!r}")
+        if self.is_moe:
+            for key in ("num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+                value = getattr(self, key)
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    bad(key, f"must be a positive integer, got {value!r}")
+            if self.num_experts_per_tok > self.num_experts:
+                bad("num_experts_per_tok", f"{self.num_experts_per_tok} exceeds num_experts={self.num_experts}")
+            if self.shared_expert_intermediate_size < 0:
+                bad("shared_expert_intermediate_size", "must be >= 0")
+            outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+            if outside:
+                bad("mlp_only_layers", f"{outside} outside [0, {self.num_hidden_layers})")
 
 
 def _normalise_dtype(name: Any) -> str:
@@ -239,9 +273,6 @@ def config_from_dict(raw: Mapping, source: str = "config.json", **overrides) -> 
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a JSON object at top level")
     model_type = raw.get("model_type")
-    if model_type in NOT_YET_SUPPORTED:
-        raise ConfigError(f"{source}: key 'model_type': {NOT_YET_SUPPORTED[model_type]} "
-                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"{source}: key 'model_type': unsupported value {model_type!r} "
                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
@@ -269,18 +300,23 @@ def config_from_dict(raw: Mapping, source: str = "config.json", **overrides) -> 
     kv_heads = get("num_key_value_heads", heads, int)
     if heads <= 0:
         raise ConfigError(f"{source}: key 'num_attention_heads' must be positive, got {heads}")
-    default_head_dim = 128 if model_type == "qwen3" else hidden // heads
+    family = model_type.removesuffix("_moe")
+    default_head_dim = 128 if family == "qwen3" else hidden // heads
     head_dim = get("head_dim", default_head_dim, int)
     use_sliding = get("use_sliding_window", False, bool)
     sliding_window = raw.get("sliding_window", 4096) if use_sliding else None
     if sliding_window is not None:
         sliding_window = get("sliding_window", 4096, int)
     layer_types = raw.get("layer_types")
+    # derived per-layer kinds follow an overridden depth (e.g. a preset cut to 2 layers)
+    depth = overrides.get("num_hidden_layers", layers) if layer_types is None else layers
+    if layer_types is None and model_type in MOE_MODEL_TYPES:
+        layer_types = _moe_layer_types(model_type, depth, sliding_window, get("max_window_layers", 28, int))
     if layer_types is None:
         max_window_layers = get("max_window_layers", 28, int)
         layer_types = [
             "sliding_attention" if sliding_window is not None and i >= max_window_layers else "full_attention"
-            for i in range(layers)
+            for i in range(depth)
         ]
     elif not isinstance(layer_types, list):
         raise ConfigError(f"{source}: key 'layer_types' must be a list, got {type(layer_types).__name__}")
@@ -308,8 +344,9 @@ def config_from_dict(raw: Mapping, source: str = "config.json", **overrides) -> 
         max_position_embeddings=get("max_position_embeddings", 32768, int),
         rms_norm_eps=get("rms_norm_eps", 1e-6, float),
         tie_word_embeddings=get("tie_word_embeddings", False, bool),
-        attention_bias=True if model_type == "qwen2" else get("attention_bias", False, bool),
-        qk_norm=model_type == "qwen3",
+        attention_bias=(get("qkv_bias", True, bool) if model_type == "qwen2_moe" else True if model_type == "qwen2"
+                        else get("attention_bias", False, bool)),
+        qk_norm=family == "qwen3",
         rope_theta=theta,
         rope_parameters=_freeze(rope),
         sliding_window=sliding_window,
@@ -320,6 +357,8 @@ def config_from_dict(raw: Mapping, source: str = "config.json", **overrides) -> 
         eos_token_id=eos,
         pad_token_id=raw.get("pad_token_id"),
     )
+    if model_type in MOE_MODEL_TYPES:
+        fields.update(_moe_fields(raw, get, source))
     if "dtype" in overrides:
         overrides["dtype"] = _normalise_dtype(overrides["dtype"])
     if "param_dtype" in overrides:
@@ -333,6 +372,35 @@ def config_from_dict(raw: Mapping, source: str = "config.json", **overrides) -> 
         return QwenConfig(**fields)
     except ConfigError as e:
         raise ConfigError(str(e).replace("config:", f"{source}:", 1)) from None
+
+
+def _moe_layer_types(model_type: str, layers: int, sliding_window, max_window_layers: int) -> list[str]:
+    """transformers' defaults: Qwen2-MoE slides on even layers below max_window_layers, Qwen3-MoE on all."""
+    def slides(i):
+        if sliding_window is None:
+            return False
+        return model_type == "qwen3_moe" or ((i + 1) % 2 == 1 and i < max_window_layers)
+
+    return ["sliding_attention" if slides(i) else "full_attention" for i in range(layers)]
+
+
+def _moe_fields(raw: Mapping, get, source: str) -> dict:
+    """The mixture-of-experts keys of a qwen2_moe / qwen3_moe config.json (transformers' defaults)."""
+    qwen2 = raw.get("model_type") == "qwen2_moe"
+    mlp_only = raw.get("mlp_only_layers") or []
+    if not isinstance(mlp_only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in mlp_only):
+        raise ConfigError(f"{source}: key 'mlp_only_layers' must be a list of layer indices, got {mlp_only!r}")
+    return dict(
+        # transformers v5 writes Qwen3-MoE's count as num_local_experts; the released files say num_experts
+        num_experts=get("num_experts", raw.get("num_local_experts", 60 if qwen2 else 128), int),
+        num_experts_per_tok=get("num_experts_per_tok", 4 if qwen2 else 8, int),
+        moe_intermediate_size=get("moe_intermediate_size", 1408 if qwen2 else 768, int),
+        shared_expert_intermediate_size=get("shared_expert_intermediate_size", 5632, int) if qwen2 else 0,
+        norm_topk_prob=get("norm_topk_prob", False, bool),
+        decoder_sparse_step=get("decoder_sparse_step", 1, int),
+        mlp_only_layers=tuple(sorted(set(mlp_only))),
+        router_aux_loss_coef=get("router_aux_loss_coef", 0.001, float),
+    )
 
 
 def load_hf_config(path: str | os.PathLike, **overrides) -> QwenConfig:
@@ -404,8 +472,10 @@ def to_hf_dict(cfg: QwenConfig) -> dict:
     from presets or random init.
     """
     rope = dict(cfg.rope_parameters)
+    architecture = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                    "qwen3_moe": "Qwen3MoeForCausalLM"}[cfg.model_type]
     out = {
-        "architectures": ["Qwen3ForCausalLM" if cfg.model_type == "qwen3" else "Qwen2ForCausalLM"],
+        "architectures": [architecture],
         "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -428,8 +498,15 @@ def to_hf_dict(cfg: QwenConfig) -> dict:
         "eos_token_id": (list(cfg.eos_token_id) if len(cfg.eos_token_id) > 1
                          else cfg.eos_token_id[0] if cfg.eos_token_id else None),
     }
-    if cfg.model_type == "qwen3":
+    if cfg.family == "qwen3":
         out["attention_bias"] = cfg.attention_bias
+    if cfg.model_type == "qwen2_moe":
+        out["qkv_bias"] = cfg.attention_bias
+    if cfg.model_type in MOE_MODEL_TYPES:
+        out.update({k: getattr(cfg, k) for k in MOE_KEYS})
+        out["mlp_only_layers"] = list(cfg.mlp_only_layers)
+        if cfg.model_type == "qwen3_moe":
+            del out["shared_expert_intermediate_size"]
     if cfg.dca is not None:
         out["dual_chunk_attention_config"] = cfg.dca
     return out
@@ -441,20 +518,30 @@ def attention_flops_per_token(cfg: QwenConfig, seq_len: int, causal: bool = True
     return per_token / 2 if causal else per_token
 
 
-def num_params(cfg: QwenConfig, include_embedding: bool = True) -> int:
+def num_params(cfg: QwenConfig, include_embedding: bool = True, active: bool = False) -> int:
+    """Parameter count.  `active=True`: what one token touches in a mixture-of-experts model
+    (every dense weight, the router, the shared expert and `num_experts_per_tok` routed
+    experts per sparse layer; embeddings as `include_embedding` says); equals the total for
+    a dense model."""
     e, m, h, kv, d = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
                       cfg.num_key_value_heads, cfg.head_dim)
     attn = e * h * d + 2 * e * kv * d + h * d * e
     if cfg.attention_bias:
         attn += h * d + 2 * kv * d
-        if cfg.model_type == "qwen3":  # Qwen3's attention_bias also gives o_proj a bias
+        if cfg.family == "qwen3":  # Qwen3's attention_bias also gives o_proj a bias
             attn += e
     if cfg.qk_norm:
         attn += 2 * d
-    layer = attn + 3 * e * m + 2 * e
-    total = cfg.num_hidden_layers * layer + e
+    total = e
+    for i in range(cfg.num_hidden_layers):
+        total += attn + 2 * e
+        if not cfg.is_sparse(i):
+            total += 3 * e * m
+            continue
+        experts = cfg.num_experts_per_tok if active else cfg.num_experts
+        total += e * cfg.num_experts + experts * 3 * e * cfg.moe_intermediate_size
+        if cfg.shared_expert_intermediate_size:
+            total += 3 * e * cfg.shared_expert_intermediate_size + e
     if include_embedding:
         total += cfg.vocab_size * e * (1 if cfg.tie_word_embeddings else 2)
     return total
-
-

@@ -10,6 +10,14 @@ index of stacked decoder parameters) and a layout transform:
 * `out_heads`  [embed, heads*head_dim] -> [heads, head_dim, embed]   (o_proj);
 * `heads`      [heads*head_dim] -> [heads, head_dim]                  (q/k/v biases).
 
+Mixture-of-experts models keep the released per-expert names
+(`model.layers.{i}.mlp.experts.{e}.gate_proj.weight`, `{e}` = expert index, stacked into
+our `[layers, experts, ...]` arrays) and split their layers into two stacks (`layers` for the
+sparse, `dense_layers` for the dense-MLP layers; `ParamSpec.layers` lists the Hugging Face
+layer indices of a stack).  transformers v5 holds experts fused in memory
+(`mlp.experts.gate_up_proj` [E, 2m, embed], `mlp.experts.down_proj` [E, embed, m]);
+`open_reader` reads folders written that way as if they held the per-expert tensors.
+
 Reading is tensor by tensor with `safetensors.safe_open` (numpy, no torch): with a mesh,
 every device shard is built by `jax.make_array_from_callback` straight from the file, so
 the whole model never sits on one device.
@@ -28,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from qwen_jax.config import ConfigError, QwenConfig, load_hf_config, model_stop_ids
-from qwen_jax.model import Qwen
+from qwen_jax.model import Qwen, layer_stacks
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -42,6 +50,8 @@ class ParamSpec(NamedTuple):
     path: tuple[str, ...]  # our path inside the nnx state
     hf_name: str  # Hugging Face tensor name; "{i}" = decoder layer index
     transform: str  # copy | t | in_heads | out_heads | heads
+    layers: tuple[int, ...] | None = None  # Hugging Face layer indices of a stack; None = every layer
+    experts: int = 0  # > 0: "{e}" in hf_name, our array is [layers, experts, ...]
 
     @property
     def stacked(self) -> bool:
@@ -50,28 +60,47 @@ class ParamSpec(NamedTuple):
 
 def param_table(cfg: QwenConfig) -> list[ParamSpec]:
     """Every parameter this config has, with its Hugging Face name and layout transform."""
-    layer = "model.layers.{i}."
     table = [
         ParamSpec(("embed_tokens", "embedding"), "model.embed_tokens.weight", "copy"),
         ParamSpec(("norm", "scale"), "model.norm.weight", "copy"),
-        ParamSpec(("layers", "input_layernorm", "scale"), layer + "input_layernorm.weight", "copy"),
-        ParamSpec(("layers", "post_attention_layernorm", "scale"), layer + "post_attention_layernorm.weight", "copy"),
-        ParamSpec(("layers", "mlp", "gate_proj", "kernel"), layer + "mlp.gate_proj.weight", "t"),
-        ParamSpec(("layers", "mlp", "up_proj", "kernel"), layer + "mlp.up_proj.weight", "t"),
-        ParamSpec(("layers", "mlp", "down_proj", "kernel"), layer + "mlp.down_proj.weight", "t"),
-        ParamSpec(("layers", "self_attn", "o_proj", "kernel"), layer + "self_attn.o_proj.weight", "out_heads"),
     ]
-    for name in ("q_proj", "k_proj", "v_proj"):
-        table.append(ParamSpec(("layers", "self_attn", name, "kernel"), layer + f"self_attn.{name}.weight", "in_heads"))
-        if cfg.attention_bias:
-            table.append(ParamSpec(("layers", "self_attn", name, "bias"), layer + f"self_attn.{name}.bias", "heads"))
-    if cfg.model_type == "qwen3" and cfg.attention_bias:
-        table.append(ParamSpec(("layers", "self_attn", "o_proj", "bias"), layer + "self_attn.o_proj.bias", "copy"))
-    if cfg.qk_norm:
-        table.append(ParamSpec(("layers", "self_attn", "q_norm", "scale"), layer + "self_attn.q_norm.weight", "copy"))
-        table.append(ParamSpec(("layers", "self_attn", "k_norm", "scale"), layer + "self_attn.k_norm.weight", "copy"))
+    for stack, indices in layer_stacks(cfg).items():
+        at = None if indices == tuple(range(cfg.num_hidden_layers)) else indices
+        specs = _layer_specs(cfg, cfg.is_sparse(indices[0]))
+        table += [spec._replace(path=(stack, *spec.path), layers=at) for spec in specs]
     if not cfg.tie_word_embeddings:
         table.append(ParamSpec(("lm_head", "kernel"), "lm_head.weight", "t"))
+    return table
+
+
+def _layer_specs(cfg: QwenConfig, sparse: bool) -> list[ParamSpec]:
+    """The parameters of one decoder layer (paths below the stack name)."""
+    layer = "model.layers.{i}."
+    mlp = [ParamSpec(("mlp", name, "kernel"), layer + f"mlp.{name}.weight", "t")
+           for name in ("gate_proj", "up_proj", "down_proj")]
+    if sparse:
+        mlp = [ParamSpec(("mlp", "gate", "kernel"), layer + "mlp.gate.weight", "t")]
+        mlp += [ParamSpec(("mlp", "experts", name), layer + "mlp.experts.{e}." + f"{name}.weight", "t",
+                          experts=cfg.num_experts) for name in ("gate_proj", "up_proj", "down_proj")]
+        if cfg.shared_expert_intermediate_size:
+            mlp += [ParamSpec(("mlp", "shared_expert", name, "kernel"), layer + f"mlp.shared_expert.{name}.weight", "t")
+                    for name in ("gate_proj", "up_proj", "down_proj")]
+            mlp.append(ParamSpec(("mlp", "shared_expert_gate", "kernel"), layer + "mlp.shared_expert_gate.weight", "t"))
+    table = [
+        ParamSpec(("input_layernorm", "scale"), layer + "input_layernorm.weight", "copy"),
+        ParamSpec(("post_attention_layernorm", "scale"), layer + "post_attention_layernorm.weight", "copy"),
+        *mlp,
+        ParamSpec(("self_attn", "o_proj", "kernel"), layer + "self_attn.o_proj.weight", "out_heads"),
+    ]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        table.append(ParamSpec(("self_attn", name, "kernel"), layer + f"self_attn.{name}.weight", "in_heads"))
+        if cfg.attention_bias:
+            table.append(ParamSpec(("self_attn", name, "bias"), layer + f"self_attn.{name}.bias", "heads"))
+    if cfg.family == "qwen3" and cfg.attention_bias:
+        table.append(ParamSpec(("self_attn", "o_proj", "bias"), layer + "self_attn.o_proj.bias", "copy"))
+    if cfg.qk_norm:
+        table.append(ParamSpec(("self_attn", "q_norm", "scale"), layer + "self_attn.q_norm.weight", "copy"))
+        table.append(ParamSpec(("self_attn", "k_norm", "scale"), layer + "self_attn.k_norm.weight", "copy"))
     return table
 
 
@@ -148,8 +177,37 @@ def transpose_copy(x: np.ndarray, axes: tuple[int, ...], band: int = 64) -> np.n
     return out.view(x.dtype)
 
 
+def hf_blocks(spec: ParamSpec, num_layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(Hugging Face name, index into our array) of every tensor of one parameter, in layer order:
+    `()` for an unstacked parameter, `(k,)` for position k of a layer stack, `(k, e)` for expert e."""
+    if not spec.stacked:
+        return [(spec.hf_name, ())]
+    layers = range(num_layers) if spec.layers is None else spec.layers
+    if spec.experts:
+        return [(spec.hf_name.format(i=i, e=e), (k, e)) for k, i in enumerate(layers) for e in range(spec.experts)]
+    return [(spec.hf_name.format(i=i), (k,)) for k, i in enumerate(layers)]
+
+
+def read_stacked(reader, spec: ParamSpec, position: int, layer_shape: tuple[int, ...]) -> np.ndarray:
+    """Position `position` of a stacked parameter in our layout (`layer_shape`: without the layer
+    axis); a per-expert parameter reads and stacks all its experts."""
+    layer = position if spec.layers is None else spec.layers[position]
+    if not spec.experts:
+        return to_ours(spec, reader.read(spec.hf_name.format(i=layer)), layer_shape)
+    return np.stack([to_ours(spec, reader.read(spec.hf_name.format(i=layer, e=e)), layer_shape[1:])
+                     for e in range(spec.experts)])
+
+
 def hf_names(spec: ParamSpec, num_layers: int) -> list[str]:
-    return [spec.hf_name.format(i=i) for i in range(num_layers)] if spec.stacked else [spec.hf_name]
+    return [name for name, _ in hf_blocks(spec, num_layers)]
+
+
+def layer_blocks(table: list[ParamSpec], num_layers: int) -> list[tuple[str, ParamSpec, tuple[int, ...]]]:
+    """(Hugging Face name, spec, index) of every stacked tensor, ordered by Hugging Face layer (as
+    transformers writes them)."""
+    blocks = [(name, spec, index) for spec in table if spec.stacked for name, index in hf_blocks(spec, num_layers)]
+    layer_of = {spec: range(num_layers) if spec.layers is None else spec.layers for spec in table}
+    return sorted(blocks, key=lambda b: layer_of[b[1]][b[2][0]])
 
 
 # ---------------------------------------------------------------- safetensors folder reading
@@ -316,6 +374,69 @@ class TensorReader:
         self._layouts.clear()
 
 
+_FUSED_EXPERTS = re.compile(r"(.+\.mlp\.experts)\.(gate_up_proj|down_proj)")
+
+
+class ExpertsReader:
+    """A `TensorReader` view that also serves transformers v5's fused expert tensors under the
+    released per-expert names: `experts.gate_up_proj` [E, 2m, embed] as `experts.{e}.gate_proj.weight`
+    (rows :m) and `experts.{e}.up_proj.weight` (rows m:), `experts.down_proj` [E, embed, m] as
+    `experts.{e}.down_proj.weight`.  Each read takes one expert's rows of the fused tensor."""
+
+    def __init__(self, reader: TensorReader):
+        self.reader = reader
+        self.folder = reader.folder
+        self.files = dict(reader.files)
+        self._virtual: dict[str, tuple[str, int, int, int]] = {}  # name -> (fused name, expert, row start, stop)
+        for name, file in reader.files.items():
+            m = _FUSED_EXPERTS.fullmatch(name)
+            if not m:
+                continue
+            experts, rows, _ = reader.shape(name)
+            parts = ({"gate_proj": (0, rows // 2), "up_proj": (rows // 2, rows)} if m.group(2) == "gate_up_proj"
+                     else {"down_proj": (0, rows)})
+            del self.files[name]
+            for e in range(experts):
+                for part, (start, stop) in parts.items():
+                    self._virtual[f"{m.group(1)}.{e}.{part}.weight"] = (name, e, start, stop)
+                    self.files[f"{m.group(1)}.{e}.{part}.weight"] = file
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._virtual:
+            return self.reader.shape(name)
+        fused, _, start, stop = self._virtual[name]
+        return (stop - start, self.reader.shape(fused)[2])
+
+    def dtype(self, name: str) -> str:
+        return self.reader.dtype(self._virtual[name][0] if name in self._virtual else name)
+
+    def numpy_dtype(self, name: str) -> np.dtype:
+        return self.reader.numpy_dtype(self._virtual[name][0] if name in self._virtual else name)
+
+    def nbytes(self, name: str) -> int:
+        return int(np.prod(self.shape(name), dtype=np.int64)) * self.numpy_dtype(name).itemsize
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self._virtual:
+            return self.reader.read(name)
+        fused, e, start, stop = self._virtual[name]
+        return np.ascontiguousarray(self.reader.read_rows(fused, e, e + 1)[0, start:stop])
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        if name not in self._virtual:
+            return self.reader.read_rows(name, start, stop)
+        return self.read(name)[start:stop]
+
+    def close(self):
+        self.reader.close()
+
+
+def open_reader(folder: str) -> TensorReader | ExpertsReader:
+    """A tensor reader for a model folder; fused expert tensors are served per expert (`ExpertsReader`)."""
+    reader = TensorReader(folder)
+    return ExpertsReader(reader) if any(_FUSED_EXPERTS.fullmatch(n) for n in reader.files) else reader
+
+
 # ---------------------------------------------------------------- safetensors writing (streaming)
 _ST_TO_NUMPY = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 _NUMPY_TO_ST = {v: k for k, v in _ST_TO_NUMPY.items()}
@@ -432,9 +553,8 @@ def check_tensors(cfg: QwenConfig, reader: TensorReader, abstract: dict[tuple, j
     expected: dict[str, tuple[int, ...]] = {}
     for spec in param_table(cfg):
         shape = abstract[spec.path].shape
-        layer_shape = shape[1:] if spec.stacked else shape
-        for name in hf_names(spec, cfg.num_hidden_layers):
-            expected[name] = hf_shape(spec, layer_shape)
+        for name, index in hf_blocks(spec, cfg.num_hidden_layers):
+            expected[name] = hf_shape(spec, shape[len(index):])
     present = set(reader.files)
     # transformers may store the tied head anyway; it is redundant, not an error.
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
@@ -487,7 +607,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, me
     overrides = dict(config_overrides)
     if dtype is not None:
         overrides["dtype"] = dtype
-    reader = TensorReader(folder)
+    reader = open_reader(folder)
     if param_dtype == "keep":
         first = next(iter(reader.files))
         param_dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(reader.dtype(first), "float32")
@@ -575,18 +695,14 @@ def _load_param(reader: TensorReader, cfg: QwenConfig, spec: ParamSpec, shape, d
         device_keys[device] = key
         if key not in buffers:
             buffers[key] = np.empty(tuple(len(range(*k)) for k in key), dtype=jnp.dtype(dtype))
-    layers = range(cfg.num_hidden_layers) if spec.stacked else [None]
-    for layer in layers:
-        name = spec.hf_name.format(i=layer) if layer is not None else spec.hf_name
-        layer_shape = shape[1:] if spec.stacked else shape
-        tensor = np.asarray(to_ours(spec, reader.read(name), layer_shape)).astype(jnp.dtype(dtype), copy=False)
+    for name, index in hf_blocks(spec, cfg.num_hidden_layers):
+        block_shape = shape[len(index):]
+        tensor = np.asarray(to_ours(spec, reader.read(name), block_shape)).astype(jnp.dtype(dtype), copy=False)
         for key, buf in buffers.items():
-            if layer is None:
-                buf[...] = tensor[tuple(slice(*k) for k in key)]
-                continue
-            layer_range = range(*key[0])
-            if layer in layer_range:
-                buf[layer_range.index(layer)] = tensor[tuple(slice(*k) for k in key[1:])]
+            lead = [range(*k) for k in key[:len(index)]]
+            if all(i in r for i, r in zip(index, lead, strict=True)):
+                at = tuple(r.index(i) for i, r in zip(index, lead, strict=True))
+                buf[at] = tensor[tuple(slice(*k) for k in key[len(index):])]
         del tensor
     arrays = [jax.device_put(buffers[device_keys[d]], d) for d in index_map]
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)

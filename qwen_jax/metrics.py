@@ -47,7 +47,8 @@ PEAK_FLOPS = (
 
 
 def matmul_params(cfg: QwenConfig) -> int:
-    return num_params(cfg, include_embedding=False) + cfg.vocab_size * cfg.hidden_size
+    """Parameters in the matmuls of one token: decoder (mixture-of-experts: the *active* ones) + output projection."""
+    return num_params(cfg, include_embedding=False, active=True) + cfg.vocab_size * cfg.hidden_size
 
 
 def flops_per_token(cfg: QwenConfig, seq_len: int, causal: bool = True) -> float:

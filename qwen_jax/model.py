@@ -28,6 +28,7 @@ from qwen_jax.layers.attention import Attention
 from qwen_jax.layers.embedding import Embed
 from qwen_jax.layers.linear import Linear
 from qwen_jax.layers.mlp import MLP
+from qwen_jax.layers.moe import RouterStats, SparseMoE
 from qwen_jax.layers.normalization import RMSNorm
 from qwen_jax.sharding import constrain
 
@@ -75,22 +76,54 @@ def ring_size(cfg: QwenConfig) -> int:
     return 1 if mesh.empty or "seq" not in mesh.axis_names else int(mesh.shape["seq"])
 
 
+def layer_stacks(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
+    """Decoder layer indices per parameter stack.  Layers of one stack share parameter shapes:
+    `layers` holds every layer of a dense model and the sparse (mixture-of-experts) layers of a
+    MoE model; `dense_layers` the dense-MLP layers of a MoE model (`mlp_only_layers`,
+    `decoder_sparse_step`), absent when there are none."""
+    every = tuple(range(cfg.num_hidden_layers))
+    sparse = tuple(i for i in every if cfg.is_sparse(i))
+    if not sparse:
+        return {"layers": every}
+    dense = tuple(i for i in every if not cfg.is_sparse(i))
+    return {"layers": sparse, "dense_layers": dense} if dense else {"layers": sparse}
+
+
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs):
+    """`layer(x, ...) -> (x, RouterStats or None)`: attention then a SwiGLU MLP or (sparse) a SparseMoE."""
+
+    def __init__(self, cfg: QwenConfig, *, sparse: bool = False, rngs: nnx.Rngs):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         e = cfg.hidden_size
         self.input_layernorm = RMSNorm(e, cfg.rms_norm_eps, param_dtype=pdtype, rngs=rngs)
         self.self_attn = Attention(cfg, dtype=dtype, param_dtype=pdtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(e, cfg.rms_norm_eps, param_dtype=pdtype, rngs=rngs)
-        self.mlp = MLP(e, cfg.intermediate_size, init_std=cfg.initializer_range, dtype=dtype, param_dtype=pdtype,
-                       rngs=rngs)
+        if sparse:
+            self.mlp = SparseMoE(cfg, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        else:
+            self.mlp = MLP(e, cfg.intermediate_size, init_std=cfg.initializer_range, dtype=dtype,
+                           param_dtype=pdtype, rngs=rngs)
 
     def __call__(self, x, *, rope, positions, segment_ids, sliding_window, impl):
         h = self.self_attn(self.input_layernorm(x), rope=rope, positions=positions, segment_ids=segment_ids,
                            sliding_window=sliding_window, impl=impl)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "length", "act_embed"))
+        stats = None
+        if isinstance(self.mlp, SparseMoE):
+            h, stats = self.mlp(self.post_attention_layernorm(x), None if segment_ids is None else segment_ids > 0)
+        else:
+            h = self.mlp(self.post_attention_layernorm(x))
+        return constrain(x + h, ("batch", "length", "act_embed")), stats
+
+
+def _layer_stack(cfg: QwenConfig, n: int, sparse: bool, rngs: nnx.Rngs) -> DecoderLayer:
+    """`n` decoder layers of one kind with stacked parameters (leading `layers` axis)."""
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_layers(layer_rngs):
+        return DecoderLayer(cfg, sparse=sparse, rngs=layer_rngs)
+
+    return make_layers(rngs)
 
     def decode(self, x, *, layer_cache, **attention_kw):
         """`__call__` over a KV cache (generation): returns (x, updated layer cache)."""
@@ -109,12 +142,8 @@ class Qwen(nnx.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, init_std=cfg.initializer_range, dtype=dtype,
                                   param_dtype=pdtype, rngs=rngs)
 
-        @nnx.split_rngs(splits=cfg.num_hidden_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_layers(layer_rngs):
-            return DecoderLayer(cfg, rngs=layer_rngs)
-
-        self.layers = make_layers(rngs)
+        for name, indices in layer_stacks(cfg).items():
+            setattr(self, name, _layer_stack(cfg, len(indices), cfg.is_sparse(indices[0]), rngs))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear((cfg.hidden_size,), (cfg.vocab_size,), in_axes=("embed",), out_axes=("vocab",),
@@ -123,7 +152,12 @@ class Qwen(nnx.Module):
 
     # ---- pieces, so training can compute a chunked loss from hidden states ----
     def hidden_states(self, input_ids, positions=None, segment_ids=None, *, zigzag=False):
-        """Final-norm hidden states [batch, seq, embed] in the compute dtype.
+        """Final-norm hidden states [batch, seq, embed] in the compute dtype (see `hidden_states_and_router`)."""
+        return self.hidden_states_and_router(input_ids, positions, segment_ids, zigzag=zigzag)[0]
+
+    def hidden_states_and_router(self, input_ids, positions=None, segment_ids=None, *, zigzag=False):
+        """(final-norm hidden states [batch, seq, embed], RouterStats summed over the sparse layers or
+        None for a dense model).  The router statistics count tokens with segment id > 0.
 
         With ring attention on a `seq` mesh axis of size n, the sequence must be in zig-zag
         order (device i holds chunks i and 2n-1-i: equal causal work everywhere).  Inputs in
@@ -142,24 +176,31 @@ class Qwen(nnx.Module):
             from qwen_jax.attention.ring import from_zigzag, to_zigzag
 
             permute = lambda x: None if x is None else to_zigzag(x, ring, axis=1)
-            hidden = self.hidden_states(permute(input_ids), permute(positions), permute(segment_ids), zigzag=True)
-            return from_zigzag(hidden, ring, axis=1)
+            hidden, stats = self.hidden_states_and_router(permute(input_ids), permute(positions),
+                                                          permute(segment_ids), zigzag=True)
+            return from_zigzag(hidden, ring, axis=1), stats
         x = self.embed_tokens(input_ids)
         rope = self._rope(positions, x.dtype)
-        graphdef, state = nnx.split(self.layers)
+        stacks = layer_stacks(cfg)
+        where = {i: (name, k) for name, indices in stacks.items() for k, i in enumerate(indices)}
+        split = {name: nnx.split(getattr(self, name)) for name in stacks}
         # unrolled: per-layer trees, unstacked once for all groups (see unstack_layers); scanned: stacked slices
-        layers = None if cfg.scan_layers else unstack_layers(state)
-        start = 0
-        for window, group in itertools.groupby(range(cfg.num_hidden_layers), key=cfg.layer_window):
-            n = len(list(group))
-            if layers is None:
+        unstacked = None if cfg.scan_layers else {name: unstack_layers(st) for name, (_, st) in split.items()}
+        total = None
+        runs = itertools.groupby(range(cfg.num_hidden_layers), key=lambda i: (where[i][0], cfg.layer_window(i)))
+        for (name, window), group in runs:
+            group = list(group)
+            start, n = where[group[0]][1], len(group)
+            graphdef, state = split[name]
+            if unstacked is None:
                 run = jax.tree.map(lambda a, s=start, n=n: a[s:s + n], state)
             else:
-                run = layers[start:start + n]
-            x = self._run_layers(graphdef, run, x, rope=rope, positions=positions, segment_ids=segment_ids,
-                                 sliding_window=window)
-            start += n
-        return self.norm(x)
+                run = unstacked[name][start:start + n]
+            x, stats = self._run_layers(graphdef, run, x, rope=rope, positions=positions, segment_ids=segment_ids,
+                                        sliding_window=window)
+            if stats is not None:
+                total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+        return self.norm(x), total
 
     def logits(self, hidden):
         """[batch, seq, vocab] logits in float32 from final hidden states."""
@@ -213,8 +254,9 @@ class Qwen(nnx.Module):
                               int(dca.get("original_max_position_embeddings") or 0))
         return rope_lib.rope_tables(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, positions, dtype)
 
-    def _run_layers(self, graphdef, layers, x, *, sliding_window, **kw):
-        """Layers of one attention kind: `layers` is a stacked state (scan) or a list of per-layer states."""
+    def _run_layers(self, graphdef, layers, x, *, sliding_window, **kw) -> tuple[jax.Array, RouterStats | None]:
+        """Layers of one kind (attention window, MLP or MoE): `layers` is a stacked state (scan) or a list
+        of per-layer states.  Returns x and the run's summed router statistics (None for dense layers)."""
         impl = self.cfg.attention
 
         def one_layer(x, layer_state):
@@ -224,8 +266,11 @@ class Qwen(nnx.Module):
         if self.cfg.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
         if self.cfg.scan_layers:
-            x, _ = jax.lax.scan(lambda c, s: (one_layer(c, s), None), x, layers)
-            return x
+            x, stats = jax.lax.scan(one_layer, x, layers)
+            return x, None if stats is None else jax.tree.map(lambda a: jnp.sum(a, axis=0), stats)
+        total = None
         for layer_state in layers:
-            x = one_layer(x, layer_state)
-        return x
+            x, stats = one_layer(x, layer_state)
+            if stats is not None:
+                total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+        return x, total

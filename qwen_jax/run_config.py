@@ -416,7 +416,7 @@ def _stage_name(stages: list[Stage], st: Stage) -> str:
 def check_stages(stages: list[Stage], *, mesh: dict[str, int], grad_accum_steps: int, process_count: int,
                  attention: str) -> None:
     """Every stage's batch and length fit the processes, the microbatches, the mesh and the attention."""
-    batch_ways = mesh["data"] * mesh["fsdp"]
+    batch_ways = mesh["data"] * mesh["fsdp"] * mesh.get("expert", 1)
     ring = mesh["seq"]
     for st in stages:
         name, b, t = _stage_name(stages, st), st.global_batch_size, st.seq_len
@@ -426,7 +426,7 @@ def check_stages(stages: list[Stage], *, mesh: dict[str, int], grad_accum_steps:
             raise RunConfigError(f"{name}: grad_accum_steps={grad_accum_steps} does not divide the global batch")
         if (b // grad_accum_steps) % batch_ways:
             raise RunConfigError(f"{name}: the microbatch {b // grad_accum_steps} (global batch / grad_accum_steps) "
-                                 f"does not divide over mesh data x fsdp = {batch_ways} devices")
+                                 f"does not divide over mesh data x fsdp x expert = {batch_ways} devices")
         if ring > 1 and t % (2 * ring):
             raise RunConfigError(f"{name}: ring attention over mesh.seq={ring} needs a sequence length divisible "
                                  f"by 2 x {ring} = {2 * ring} (zig-zag layout)")

@@ -2,7 +2,9 @@
 
 Modules name *logical* axes (`embed`, `heads`, `mlp`, `vocab`, `batch`, `length`, ...) as
 parameter metadata (`nnx.Param(..., axes=(...))`) and in activation constraints; only this
-file knows the mesh axes `data`, `fsdp`, `tensor`, `seq`.  A mesh axis is dropped for a
+file knows the mesh axes `data`, `fsdp`, `expert`, `tensor`, `seq`.  `expert` shards the
+stacked experts of mixture-of-experts layers (expert parallelism) and, like `data` and
+`fsdp`, the batch.  A mesh axis is dropped for a
 dimension it does not divide (e.g. 2 kv heads on a tensor axis of 4 are replicated), so
 every preset runs on every mesh shape.
 
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor", "seq")
+MESH_AXES = ("data", "fsdp", "expert", "tensor", "seq")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -31,8 +33,11 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "norm": None,
     "layers": None,
+    "experts": "expert",
+    "moe_mlp": "tensor",
+    "router": None,
     # activations
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "length": "seq",
     "act_embed": None,
     "act_heads": "tensor",
@@ -43,7 +48,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def mesh_sizes(shape: dict[str, int] | Sequence[int], num_devices: int) -> dict[str, int]:
-    """{axis: size} over (data, fsdp, tensor, seq) for `num_devices`; one size may be -1 (the rest of the devices).
+    """{axis: size} over (data, fsdp, expert, tensor, seq) for `num_devices`; one size may be -1 (the rest).
 
     Pure (no devices needed), so a launcher can check a mesh before it touches anything."""
     if isinstance(shape, dict):
@@ -71,7 +76,7 @@ def mesh_sizes(shape: dict[str, int] | Sequence[int], num_devices: int) -> dict[
 
 
 def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor, seq); one size may be -1 (the rest of the devices)."""
+    """A mesh with axes (data, fsdp, expert, tensor, seq); one size may be -1 (the rest of the devices)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = tuple(mesh_sizes(shape, len(devices)).values())
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
@@ -133,7 +138,7 @@ def constrain(x, axes: Sequence[str | None]):
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, shape=None) -> NamedSharding:
-    """Sharding of a [batch, seq, ...] input: batch over (data, fsdp), seq over seq."""
+    """Sharding of a [batch, seq, ...] input: batch over (data, fsdp, expert), seq over seq."""
     axes = ("batch", "length") + (None,) * (ndim - 2)
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
 

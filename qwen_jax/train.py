@@ -124,6 +124,10 @@ def run(config, workdir: str) -> int:
                                           for st in spec.stages))
 
     graphdef, abstract_params, p_sh = ts.param_shardings(cfg, mesh, lora)
+    if int(config.freeze_layers) and "dense_layers" in abstract_params:
+        raise run_config.RunConfigError(
+            "config key 'freeze_layers': it counts positions in a layer stack; this model mixes dense and sparse "
+            "layers (two stacks, docs/moe.md): use freeze='<regex>' instead")
     freeze = opt_lib.resolve_freeze(abstract_params, config.freeze, int(config.freeze_layers), cfg.num_hidden_layers)
     freeze = lora_lib.freeze_base(freeze, abstract_params, lora)
     counts = freeze.summary(abstract_params)
@@ -181,7 +185,8 @@ def run(config, workdir: str) -> int:
     train_step = ts.make_train_step(graphdef, tx, schedule, freeze, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
                                     chunk_size=int(config.loss.chunk_size), z_loss=float(config.loss.z_loss),
                                     grad_accum_steps=accum, zigzag=ring > 1,
-                                    dropout_keys=lora_lib.dropout_key_fn(cfg, lora))
+                                    dropout_keys=lora_lib.dropout_key_fn(cfg, lora),
+                                    router_z_loss_weight=float(config.loss.router_z_loss))
     logger = metrics_lib.MetricsLogger(
         workdir, peak_flops=metrics_lib.peak_flops_per_device(float(config.peak_flops_per_device)),
         num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0)

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+MODEL_CLASSES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                 "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM), "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0, tie_word_embeddings=False,
@@ -15,16 +27,15 @@ def make_hf_model(folder, *, model_type="qwen2", seed=0, dtype=torch.float32, ma
     """Build a random transformers model, perturb its norms/biases so nothing is trivially 1 or 0, save it."""
     torch.manual_seed(seed)
     kwargs = {**TINY, **overrides}
-    if model_type == "qwen3":
+    if model_type.startswith("qwen3"):
         kwargs.setdefault("head_dim", 16)
-        config, cls = Qwen3Config(**kwargs), Qwen3ForCausalLM
-    else:
-        config, cls = Qwen2Config(**kwargs), Qwen2ForCausalLM
+    config_cls, cls = MODEL_CLASSES[model_type]
+    config = config_cls(**kwargs)
     config._attn_implementation = "eager"
     model = cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
+            if name.endswith("bias") or "norm" in name or name.endswith("mlp.gate.weight"):
                 p.add_(0.1 * torch.randn_like(p))
     model = model.to(dtype)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

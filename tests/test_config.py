@@ -62,7 +62,8 @@ def test_yarn_top_level_original_overrides_dict_and_missing_defaults_to_max_posi
 
 
 @pytest.mark.parametrize("patch,key", [
-    ({"model_type": "qwen2_moe"}, "model_type"),
+    ({"model_type": "qwen2_moe", "num_experts": 3, "num_experts_per_tok": 4}, "num_experts_per_tok"),
+    ({"model_type": "qwen3_moe", "mlp_only_layers": [9]}, "mlp_only_layers"),
     ({"model_type": "llama"}, "model_type"),
     ({"hidden_size": "64"}, "hidden_size"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),

@@ -185,7 +185,7 @@ def hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "keep", overwrite: bool 
     from qwen_jax import checkpoint_format as cf
     from qwen_jax.checkpoint_format import block_rows_for
     from qwen_jax.config import load_hf_config
-    from qwen_jax.hf_io import TensorReader, abstract_model, check_tensors, flat_paths, hf_names, param_table
+    from qwen_jax.hf_io import abstract_model, check_tensors, flat_paths, hf_names, open_reader, param_table
 
     hf_dir = os.path.abspath(hf_dir)
     if not os.path.isdir(hf_dir):
@@ -196,7 +196,7 @@ def hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "keep", overwrite: bool 
         raise ConvertError(f"{out}: already exists; pass --overwrite to replace it (it was left untouched)")
     cfg = load_hf_config(hf_dir)
     cf.side_files(hf_dir)  # a symlink that leads outside the folder stops here, before any work
-    reader = TensorReader(hf_dir)
+    reader = open_reader(hf_dir)
     try:
         _, abstract_state = abstract_model(cfg)
         abstract = flat_paths(abstract_state)
@@ -238,14 +238,11 @@ def hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "keep", overwrite: bool 
 
 def _lazy_from_hf(reader, spec, shape, dt, block_rows_for):
     from qwen_jax.checkpoint_format import LazyArray
-    from qwen_jax.hf_io import hf_shape, to_ours
+    from qwen_jax.hf_io import hf_shape, read_stacked, to_ours
 
     if spec.stacked:
-        layer_shape = shape[1:]
-
         def read_layer(k):
-            hf = reader.read(spec.hf_name.format(i=k))
-            return np.ascontiguousarray(to_ours(spec, hf, layer_shape).astype(dt, copy=False))[None]
+            return np.ascontiguousarray(read_stacked(reader, spec, k, shape[1:]).astype(dt, copy=False))[None]
 
         return LazyArray(shape, dt, 0, 1, read_layer)
     if spec.transform in ("copy", "t") and len(shape) == 2:
@@ -292,7 +289,7 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, step: int | None = None, dtype: str
     """Export a checkpoint directory's `params` (latest step by default) as a Hugging Face folder."""
     from qwen_jax import checkpoint_format as cf
     from qwen_jax.config import load_hf_config
-    from qwen_jax.hf_io import abstract_model, flat_paths, hf_shape, param_table, parse_size
+    from qwen_jax.hf_io import abstract_model, flat_paths, hf_shape, layer_blocks, param_table, parse_size
 
     ckpt_dir = os.path.abspath(ckpt_dir)
     if not os.path.isdir(ckpt_dir):
@@ -320,21 +317,19 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, step: int | None = None, dtype: str
         abstract = flat_paths(abstract_state)
         table = param_table(cfg)
         _check_params(cfg, reader, table, abstract, f"{ckpt_dir}/{step}/params")
-        plan = []  # (hf_name, spec, layer, hf shape, dtype)
+        plan = []  # (hf_name, spec, index into our array, hf shape, dtype)
         non_stacked = [s for s in table if not s.stacked]
         first = [s for s in non_stacked if s.path[0] == "embed_tokens"]
         last = [s for s in non_stacked if s.path[0] != "embed_tokens"]
 
-        def entry(spec, layer):
+        def entry(spec, index, name):
             shape = tuple(abstract[spec.path].shape)
             dt = target if target is not None else reader.dtype(spec.path)
-            name = spec.hf_name.format(i=layer) if spec.stacked else spec.hf_name
-            return (name, spec, layer, hf_shape(spec, shape[1:] if spec.stacked else shape), dt)
+            return (name, spec, index, hf_shape(spec, shape[len(index):]), dt)
 
-        plan += [entry(s, None) for s in first]
-        for i in range(cfg.num_hidden_layers):
-            plan += [entry(s, i) for s in table if s.stacked]
-        plan += [entry(s, None) for s in last]
+        plan += [entry(s, (), s.hf_name) for s in first]
+        plan += [entry(s, index, name) for name, s, index in layer_blocks(table, cfg.num_hidden_layers)]
+        plan += [entry(s, (), s.hf_name) for s in last]
         shards = _split_shards(plan, shard_limit)
         total = sum(_nbytes(e) for e in plan)
         bar = (progress or Progress)("orbax-to-hf", len(plan), total)
@@ -451,9 +446,12 @@ def _hf_pieces(spec, data, span, entries) -> Iterator[tuple[str, np.ndarray, int
     from qwen_jax.hf_io import to_hf
 
     if spec.stacked:
-        for j, layer in enumerate(range(*span)):
-            name = spec.hf_name.format(i=layer)
-            yield name, to_hf(spec, data[j]).astype(entries[name][4], copy=False), 0
+        for j, position in enumerate(range(*span)):
+            layer = position if spec.layers is None else spec.layers[position]
+            parts = enumerate(data[j]) if spec.experts else [(None, data[j])]  # per-expert tensors of one layer
+            for e, part in parts:
+                name = spec.hf_name.format(i=layer, e=e)
+                yield name, to_hf(spec, part).astype(entries[name][4], copy=False), 0
         return
     dt = entries[spec.hf_name][4]
     if span is None:

@@ -131,7 +131,18 @@ RULES = {
     "QL-VOC-03": ("warning", "vocab_size far below the Qwen tokenizer (no tokenizer in the folder to check)",
                   "Qwen token ids index past the embedding unless a custom tokenizer is used"),
     "QL-GEN-01": ("info", "no config.json next to the linted files", "nothing to check the token ids against"),
+    "QL-MOE-01": ("error", "MoE expert count (num_experts) or num_experts_per_tok missing or not a positive integer",
+                  "the router has no experts to choose from: model construction fails or every layer is dense"),
+    "QL-MOE-02": ("error", "num_experts_per_tok larger than num_experts",
+                  "torch.topk raises 'selected index k out of range' on the first forward pass"),
+    "QL-MOE-03": ("error", "moe_intermediate_size / shared_expert_intermediate_size not a positive integer",
+                  "zero-size or negative expert weights: construction fails or the experts output nothing"),
+    "QL-MOE-04": ("error/warning", "mlp_only_layers not a list of layer indices in [0, num_hidden_layers)",
+                  "out-of-range entries are silently ignored: the layers meant to be dense stay sparse"),
+    "QL-MOE-05": ("error/warning", "decoder_sparse_step < 1, or no layer left sparse",
+                  "ZeroDivisionError when the model is built (step 0), or a MoE config that runs no experts"),
 }
+MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -346,6 +357,7 @@ _CONFIG_TYPES = {
     "rope_theta": "num", "rope_scaling": "dict?", "rope_parameters": "dict?", "dual_chunk_attention_config": "dict?",
     "bos_token_id": "id?", "eos_token_id": "ids?", "pad_token_id": "id?", "model_type": "str",
     "layer_types": "strlist?", "architectures": "strlist?", "original_max_position_embeddings": "int?",
+    "norm_topk_prob": "bool", "router_aux_loss_coef": "num?", "qkv_bias": "bool",
 }
 _GEN_TYPES = {"bos_token_id": "id?", "eos_token_id": "ids?", "pad_token_id": "id?", "max_new_tokens": "int?",
               "max_length": "int?", "do_sample": "bool", "temperature": "num?", "top_p": "num?", "top_k": "int?"}
@@ -927,6 +939,56 @@ def check_sliding_window(ctx):
               edit=("set_value", ("sliding_window",), None))
 
 
+def check_moe(ctx):
+    """Mixture-of-experts keys of qwen2_moe / qwen3_moe configs (transformers' defaults when absent)."""
+    cfg, f = ctx.cfg, ctx.folder
+    mt = cfg.get("model_type")
+    if mt not in MOE_MODEL_TYPES:
+        return
+    qwen2 = mt == "qwen2_moe"
+    key = "num_experts" if "num_experts" in cfg or "num_local_experts" not in cfg else "num_local_experts"
+    experts = cfg.get(key, 60 if qwen2 else 128)
+    top_k = cfg.get("num_experts_per_tok", 4 if qwen2 else 8)
+    for name, v in ((key, experts), ("num_experts_per_tok", top_k)):
+        if not (_is_int(v) and v > 0):
+            f.add("QL-MOE-01", ERROR, CONFIG, (name,), f"{name} {v!r} is not a positive integer",
+                  "the released configs use num_experts 60/64/128 and num_experts_per_tok 4/8")
+    if _is_int(experts) and _is_int(top_k) and 0 < experts < top_k:
+        f.add("QL-MOE-02", ERROR, CONFIG, ("num_experts_per_tok",),
+              f"num_experts_per_tok {top_k} > {key} {experts}: a token cannot use more experts than exist",
+              f"set num_experts_per_tok <= {experts}")
+    sizes = [("moe_intermediate_size", cfg.get("moe_intermediate_size", 1408 if qwen2 else 768))]
+    if qwen2:
+        sizes.append(("shared_expert_intermediate_size", cfg.get("shared_expert_intermediate_size", 5632)))
+    for name, v in sizes:
+        if not (_is_int(v) and v > 0):
+            f.add("QL-MOE-03", ERROR, CONFIG, (name,), f"{name} {v!r} is not a positive integer",
+                  "the per-expert SwiGLU width (e.g. 1408 for Qwen1.5-MoE-A2.7B, 768 for Qwen3-30B-A3B)")
+    layers = cfg.get("num_hidden_layers") if _is_int(cfg.get("num_hidden_layers")) else None
+    mlp_only = cfg.get("mlp_only_layers") or []
+    if not isinstance(mlp_only, list) or not all(_is_int(i) for i in mlp_only):
+        f.add("QL-MOE-04", ERROR, CONFIG, ("mlp_only_layers",), f"mlp_only_layers {mlp_only!r} is not a list of "
+              "layer indices", "a list of integers such as [] or [0, 1]")
+        mlp_only = []
+    elif layers is not None and any(not 0 <= i < layers for i in mlp_only):
+        outside = sorted({i for i in mlp_only if not 0 <= i < layers})
+        f.add("QL-MOE-04", ERROR, CONFIG, ("mlp_only_layers",),
+              f"mlp_only_layers {outside} outside the model's layers 0..{layers - 1}: transformers ignores them",
+              f"use indices in [0, {layers})")
+    elif len(set(mlp_only)) != len(mlp_only):
+        f.add("QL-MOE-04", WARNING, CONFIG, ("mlp_only_layers",), "mlp_only_layers repeats a layer index",
+              "list each dense layer once")
+    step = cfg.get("decoder_sparse_step", 1)
+    if not (_is_int(step) and step >= 1):
+        f.add("QL-MOE-05", ERROR, CONFIG, ("decoder_sparse_step",),
+              f"decoder_sparse_step {step!r} must be an integer >= 1 (layer i is sparse when (i + 1) % step == 0)",
+              "1 makes every layer sparse (all released Qwen MoE models)")
+    elif layers is not None and not any((i + 1) % step == 0 and i not in mlp_only for i in range(layers)):
+        f.add("QL-MOE-05", WARNING, CONFIG, ("decoder_sparse_step",),
+              f"no layer is sparse (decoder_sparse_step {step}, mlp_only_layers {mlp_only}): the experts are never "
+              "used", "lower decoder_sparse_step or shorten mlp_only_layers")
+
+
 def _ranges(s):
     s = sorted(s)
     if not s:
@@ -1073,7 +1135,7 @@ def lint_folder(path):
         return folder
     ctx = Context(folder)
     if ctx.cfg is not None:
-        for check in (check_rope, check_dca, check_sliding_window):
+        for check in (check_rope, check_dca, check_sliding_window, check_moe):
             check(ctx)
     elif folder.files[CONFIG] is None:
         name = next(n for n in KNOWN_FILES if folder.files[n] is not None)

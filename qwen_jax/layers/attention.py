@@ -30,7 +30,7 @@ class Attention(nnx.Module):
                              use_bias=cfg.attention_bias, **kw)
         # Qwen2: no o_proj bias ever; Qwen3: o_proj follows attention_bias.
         self.o_proj = Linear((h, d), (e,), in_axes=("heads", "head_dim"), out_axes=("embed",),
-                             use_bias=cfg.model_type == "qwen3" and cfg.attention_bias, **kw)
+                             use_bias=cfg.family == "qwen3" and cfg.attention_bias, **kw)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs, axes=("head_dim",))
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs, axes=("head_dim",))

@@ -65,17 +65,21 @@ def fused_cross_entropy(hidden, w_out, targets, loss_mask, *, chunk_size: int = 
     return objective, jax.lax.stop_gradient(nll), jax.lax.stop_gradient(z)
 
 
-def model_loss_sums(model, batch, *, chunk_size: int = 1024, zigzag: bool = False, z_weight: float = 0.0):
+def model_loss_sums(model, batch, *, chunk_size: int = 1024, zigzag: bool = False, z_weight: float = 0.0,
+                    with_router: bool = False):
     """(objective sum, NLL sum, z sum) of an NNX `Qwen` on a batch dict (see `fused_cross_entropy`).
 
     The batch holds input_ids, positions, segment_ids, targets, loss_mask.  `zigzag`: the batch
     was permuted to ring attention's zig-zag order (all five arrays together, targets shifted
     before); the token sum is order-invariant, so nothing is permuted back.
+    `with_router=True` (mixture-of-experts models) appends the forward pass's `RouterStats`.
     """
-    hidden = model.hidden_states(batch["input_ids"], batch.get("positions"), batch.get("segment_ids"), zigzag=zigzag)
+    hidden, stats = model.hidden_states_and_router(batch["input_ids"], batch.get("positions"),
+                                                   batch.get("segment_ids"), zigzag=zigzag)
     w_out, vocab_major = model.output_embedding()
-    return fused_cross_entropy(hidden, w_out, batch["targets"], batch["loss_mask"], chunk_size=chunk_size,
+    sums = fused_cross_entropy(hidden, w_out, batch["targets"], batch["loss_mask"], chunk_size=chunk_size,
                                z_weight=z_weight, vocab_major=vocab_major)
+    return (*sums, stats) if with_router else sums
 
 
 def reference_loss(logits, targets, loss_mask):

@@ -26,11 +26,13 @@ from qwen_jax import lora as lora_lib
 from qwen_jax import sharding as sh
 from qwen_jax.config import QwenConfig
 from qwen_jax.hf_io import abstract_model
+from qwen_jax.layers.moe import load_balancing_loss, router_z_loss
 from qwen_jax.model import Qwen
 from qwen_jax.trainer.loss import model_loss_sums
 from qwen_jax.trainer.optimizer import ALL, FreezeSpec, apply_freeze, path_str
 
 BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
+ROUTER_METRICS = ("router_aux_loss", "router_z_loss")  # mixture-of-experts models only
 
 
 def param_shardings(cfg: QwenConfig, mesh: Mesh, lora: lora_lib.LoraSpec | None = None):
@@ -116,13 +118,16 @@ def permute_batch_for_ring(batch: dict, ring: int) -> dict:
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, freeze: FreezeSpec, *,
                     mesh: Mesh, state_sh: dict, batch_sh: dict, chunk_size: int = 1024, z_loss: float = 0.0,
                     grad_accum_steps: int = 1, zigzag: bool = False,
-                    dropout_keys: Callable | None = None) -> Callable:
+                    dropout_keys: Callable | None = None, router_z_loss_weight: float = 0.0) -> Callable:
     """`step(state, batch) -> (state, metrics)`, jitted, state donated.
 
     `zigzag`: batches arrive in ring attention's zig-zag order (see `permute_batch_for_ring`).
     Wholly frozen parameters (FreezeSpec ALL, e.g. a LoRA base) are not differentiated and pass
     through the step untouched (bit-identical, aliased by donation).  `dropout_keys(rng)` gives the
     extra nnx state the model's dropout reads (LoRA dropout), fresh from the step's rng per microbatch.
+    Mixture-of-experts models add `router_aux_loss_coef` (config) x the load-balancing loss and
+    `router_z_loss_weight` x the router z-loss, each computed per microbatch over its tokens
+    (segment id > 0) and averaged over the microbatches; both are logged.
     """
     accum = int(grad_accum_steps)
     frozen_whole = {p for p, n in freeze.frozen.items() if n == ALL}
@@ -132,8 +137,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         params = lora_lib.combine(trainable, frozen)
         extra = (dropout_keys(key),) if dropout_keys is not None else ()
         model = nnx.merge(graphdef, params, *extra)
-        objective, nll, z = model_loss_sums(model, batch, chunk_size=chunk_size, zigzag=zigzag, z_weight=z_loss)
-        return objective / denom, (nll, z)  # objective = nll + z_loss * z; nll, z carry no gradient
+        if not model.cfg.is_moe:
+            objective, nll, z = model_loss_sums(model, batch, chunk_size=chunk_size, zigzag=zigzag, z_weight=z_loss)
+            return objective / denom, (nll, z, {})  # objective = nll + z_loss * z; nll, z carry no gradient
+        objective, nll, z, stats = model_loss_sums(model, batch, chunk_size=chunk_size, zigzag=zigzag,
+                                                   z_weight=z_loss, with_router=True)
+        router = dict(zip(ROUTER_METRICS, (load_balancing_loss(stats, model.cfg.num_experts), router_z_loss(stats)),
+                          strict=True))
+        router_objective = (model.cfg.router_aux_loss_coef * router["router_aux_loss"]
+                            + router_z_loss_weight * router["router_z_loss"])
+        router = jax.tree.map(lambda v: jax.lax.stop_gradient(v) / accum, router)
+        return objective / denom + router_objective / accum, (nll, z, router)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -144,22 +158,25 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         batch = {k: batch[k] for k in BATCH_KEYS if k in batch}
         denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         if accum == 1:
-            (_, (nll, z)), grads = grad_fn(trainable, frozen, batch, denom, step_key)
+            (_, (nll, z, router)), grads = grad_fn(trainable, frozen, batch, denom, step_key)
         else:
             b = batch["input_ids"].shape[0]
             # microbatch i = rows i, i + accum, ...: every device keeps its own rows
             micro = jax.tree.map(lambda x: x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def body(carry, xs):
-                g_acc, nll_acc, z_acc = carry
+                g_acc, nll_acc, z_acc, router_acc = carry
                 mb, i = xs
                 mb = {k: sh.constrain(v, ("batch", "length")) for k, v in mb.items()}
-                (_, (nll, z)), g = grad_fn(trainable, frozen, mb, denom, jax.random.fold_in(step_key, i))
-                return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, z_acc + z), None
+                (_, (nll, z, router)), g = grad_fn(trainable, frozen, mb, denom, jax.random.fold_in(step_key, i))
+                return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, z_acc + z,
+                        jax.tree.map(jnp.add, router_acc, router)), None
 
             zero = jnp.zeros((), jnp.float32)
             g0 = jax.tree.map(jnp.zeros_like, trainable)
-            (grads, nll, z), _ = jax.lax.scan(body, (g0, zero, zero), (micro, jnp.arange(accum)))
+            moe = nnx.merge(graphdef, params).cfg.is_moe  # trace time only: builds no arrays
+            router0 = {k: zero for k in ROUTER_METRICS} if moe else {}
+            (grads, nll, z, router), _ = jax.lax.scan(body, (g0, zero, zero, router0), (micro, jnp.arange(accum)))
         # frozen leaves: zero gradients that nothing reads (the optimizer gives them no state)
         grads = lora_lib.combine(grads, jax.tree.map(jnp.zeros_like, frozen))
         grad_norm = optax.global_norm(apply_freeze(grads, freeze))
@@ -169,7 +186,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         new_params = lora_lib.combine(new_trainable, frozen)
         new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
         metrics = {"loss": nll / denom, "z_loss": z / denom, "grad_norm": grad_norm,
-                   "learning_rate": schedule(state["step"]), "loss_tokens": denom}
+                   "learning_rate": schedule(state["step"]), "loss_tokens": denom, **router}
         return new_state, metrics
 
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),

@@ -1,0 +1,172 @@
+"""Mixture-of-experts feed-forward (Qwen2-MoE, Qwen3-MoE): top-k router, dropless routed experts, shared expert.
+
+As transformers computes it: router logits -> float32 softmax -> top-k (renormalised when
+`norm_topk_prob`) -> each token's output is the weighted sum of its k experts' SwiGLU outputs;
+Qwen2-MoE adds a shared SwiGLU expert scaled by sigmoid(shared_expert_gate(x)).
+
+Dropless: no capacity factor.  The N*k (token, expert) assignments are sorted by expert, the
+rows gathered, and each projection is one grouped matmul (`jax.lax.ragged_dot`) over the
+contiguous expert groups; the outputs are un-permuted and summed over k.  Every token is
+computed, whatever the load.
+
+Expert weights are stacked `[experts, ...]` with the logical axis `experts`, which
+`qwen_jax.sharding` maps to the `expert` mesh axis (expert parallelism): each device stores
+and computes its own experts (`expert_parallel_swiglu`); an expert count the axis does not
+divide falls back to one grouped computation that XLA's partitioner distributes.
+
+The router also returns the statistics the load-balancing loss needs (per-expert top-k
+counts and probability sums, the z-loss sum), so training needs no second pass over the
+router logits.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwen_jax.config import QwenConfig
+from qwen_jax.layers.common import normal, param
+from qwen_jax.layers.linear import Linear
+from qwen_jax.layers.mlp import MLP
+from qwen_jax.sharding import constrain
+
+
+class RouterStats(NamedTuple):
+    """Sums over the (masked) tokens of one or more sparse layers; float32."""
+
+    load: jax.Array  # [experts] top-k assignments per expert
+    prob: jax.Array  # [experts] router probabilities per expert
+    z: jax.Array  # [] sum of logsumexp(router logits)^2
+    tokens: jax.Array  # [] tokens counted (per layer, summed over layers)
+
+
+def route(logits, top_k: int, norm_topk_prob: bool):
+    """(probabilities [n, E], top-k weights [n, k], expert ids [n, k]) from float32 router logits [n, E]."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return probs, weights, experts
+
+
+def router_stats(logits, probs, experts, token_mask=None) -> RouterStats:
+    """The load-balancing / z-loss sums of one layer (see `load_balancing_loss`)."""
+    n, num_experts = probs.shape
+    mask = jnp.ones((n,), jnp.float32) if token_mask is None else token_mask.reshape(n).astype(jnp.float32)
+    one_hot = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32)  # [n, k, E]
+    load = jnp.einsum("nke,n->e", one_hot, mask)
+    prob = jnp.einsum("ne,n->e", probs, mask)
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    return RouterStats(load, prob, jnp.sum(mask * lse * lse), jnp.sum(mask))
+
+
+def load_balancing_loss(stats: RouterStats, num_experts: int) -> jax.Array:
+    """transformers' `load_balancing_loss_func` from summed stats: E * sum_e f_e * P_e, where f_e is the
+    share of top-k assignments and P_e the mean router probability, both pooled over all sparse layers."""
+    tokens = jnp.maximum(stats.tokens, 1.0)
+    return num_experts * jnp.sum((stats.load / tokens) * (stats.prob / tokens))
+
+
+def router_z_loss(stats: RouterStats) -> jax.Array:
+    """Mean over tokens and sparse layers of logsumexp(router logits)^2 (ST-MoE's z-loss)."""
+    return stats.z / jnp.maximum(stats.tokens, 1.0)
+
+
+def grouped_swiglu(x, weights, experts, w_gate, w_up, w_down, first_expert=0):
+    """Dropless routed experts: x [n, e], weights/experts [n, k], w_gate/w_up [E, e, m], w_down [E, m, e] -> [n, e].
+
+    Assignments are sorted by expert (stable, so equal experts keep token order) and each
+    projection is one `ragged_dot` over the expert groups.  The weights may hold only experts
+    `first_expert .. first_expert + E - 1` (expert parallelism): assignments to other experts sort
+    after every group and contribute zero.
+    """
+    n, k = experts.shape
+    local = w_gate.shape[0]
+    ids = experts - first_expert
+    mine = (ids >= 0) & (ids < local)
+    flat = jnp.where(mine, ids, local).reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=local + 1)[:local].astype(jnp.int32)
+    rows = jnp.take(x, order // k, axis=0)  # [n*k, e], grouped by expert
+    h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, group_sizes)) * jax.lax.ragged_dot(rows, w_up, group_sizes)
+    out = jax.lax.ragged_dot(h.astype(x.dtype), w_down, group_sizes)
+    scale = jnp.where(mine, weights, jnp.zeros_like(weights)).reshape(-1)
+    out = out * jnp.take(scale, order)[:, None].astype(out.dtype)
+    unsorted = jnp.take(out, jnp.argsort(order), axis=0)  # back to (token, k) order
+    return jnp.sum(unsorted.reshape(n, k, -1), axis=1).astype(x.dtype)
+
+
+def expert_axis_size() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or "expert" not in mesh.axis_names else int(mesh.shape["expert"])
+
+
+def expert_parallel_swiglu(x, weights, experts, w_gate, w_up, w_down):
+    """`grouped_swiglu` with the experts split over the `expert` mesh axis (a `shard_map` manual in
+    that axis only; data/fsdp/tensor stay automatic): each device all-gathers the token rows of the
+    axis, computes its own experts' assignments, and the partial outputs are reduce-scattered back
+    to the token shards.  Each device stores 1/size of the expert weights and its groups hold only
+    the rows routed to its experts (the rows routed elsewhere lie past the last group, where
+    `ragged_dot` writes zeros); the exchange is an all-gather plus a reduce-scatter of
+    [tokens, embed], not an all-to-all of the routed rows."""
+    def gather(a):
+        return jax.lax.all_gather(a, "expert", tiled=True)
+
+    def local(x, weights, experts, w_gate, w_up, w_down):
+        first = jax.lax.axis_index("expert") * w_gate.shape[0]
+        y = grouped_swiglu(gather(x), gather(weights), gather(experts), w_gate, w_up, w_down, first_expert=first)
+        return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+
+    spec = jax.sharding.PartitionSpec("expert")
+    return jax.shard_map(local, in_specs=(spec,) * 6, out_specs=spec, axis_names={"expert"},
+                         check_vma=False)(x, weights, experts, w_gate, w_up, w_down)
+
+
+class Experts(nnx.Module):
+    """`num_experts` SwiGLU experts, stacked: gate_proj/up_proj [E, embed, m], down_proj [E, m, embed]."""
+
+    def __init__(self, cfg: QwenConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e, m, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        init = normal(cfg.initializer_range)
+        self.dtype = dtype
+        self.gate_proj = param(rngs, init, (n, e, m), ("experts", "embed", "moe_mlp"), param_dtype)
+        self.up_proj = param(rngs, init, (n, e, m), ("experts", "embed", "moe_mlp"), param_dtype)
+        self.down_proj = param(rngs, init, (n, m, e), ("experts", "moe_mlp", "embed"), param_dtype)
+
+    def __call__(self, x, weights, experts):
+        w = [p.value.astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        size = expert_axis_size()
+        if size > 1 and w[0].shape[0] % size == 0 and x.shape[0] % size == 0:
+            return expert_parallel_swiglu(x.astype(self.dtype), weights, experts, *w)
+        return grouped_swiglu(x.astype(self.dtype), weights, experts, *w)
+
+
+class SparseMoE(nnx.Module):
+    """`moe(x [b, t, e], token_mask=None) -> (y [b, t, e], RouterStats)`."""
+
+    def __init__(self, cfg: QwenConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        e = cfg.hidden_size
+        kw = dict(use_bias=False, init_std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate = Linear((e,), (cfg.num_experts,), in_axes=("embed",), out_axes=("router",), **kw)
+        self.experts = Experts(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(e, cfg.shared_expert_intermediate_size, init_std=cfg.initializer_range,
+                                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.shared_expert_gate = Linear((e,), (1,), in_axes=("embed",), out_axes=(None,), **kw)
+
+    def __call__(self, x, token_mask=None):
+        cfg = self.cfg
+        b, t, e = x.shape
+        flat = x.reshape(b * t, e)
+        # router in float32 (weights and activations), whatever the compute dtype
+        logits = jnp.dot(flat.astype(jnp.float32), self.gate.kernel.value.astype(jnp.float32))
+        probs, weights, experts = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        y = self.experts(flat, weights.astype(x.dtype), experts).reshape(b, t, e)
+        if cfg.shared_expert_intermediate_size:
+            y = y + jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        stats = router_stats(logits, probs, experts, token_mask)
+        return constrain(y.astype(x.dtype), ("batch", "length", "act_embed")), stats
