@@ -115,6 +115,15 @@ class DecoderLayer(nnx.Module):
             h = self.mlp(self.post_attention_layernorm(x))
         return constrain(x + h, ("batch", "length", "act_embed")), stats
 
+    def decode(self, x, *, layer_cache, **attention_kw):
+        """`__call__` over a KV cache (generation): returns (x, updated layer cache)."""
+        h, layer_cache = self.self_attn.decode(self.input_layernorm(x), layer_cache=layer_cache, **attention_kw)
+        x = x + h
+        h = self.mlp(self.post_attention_layernorm(x))
+        if isinstance(self.mlp, SparseMoE):  # generation needs no router statistics
+            h = h[0]
+        return constrain(x + h, ("batch", "length", "act_embed")), layer_cache
+
 
 def _layer_stack(cfg: QwenConfig, n: int, sparse: bool, rngs: nnx.Rngs) -> DecoderLayer:
     """`n` decoder layers of one kind with stacked parameters (leading `layers` axis)."""
@@ -124,13 +133,6 @@ def _layer_stack(cfg: QwenConfig, n: int, sparse: bool, rngs: nnx.Rngs) -> Decod
         return DecoderLayer(cfg, sparse=sparse, rngs=layer_rngs)
 
     return make_layers(rngs)
-
-    def decode(self, x, *, layer_cache, **attention_kw):
-        """`__call__` over a KV cache (generation): returns (x, updated layer cache)."""
-        h, layer_cache = self.self_attn.decode(self.input_layernorm(x), layer_cache=layer_cache, **attention_kw)
-        x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "length", "act_embed")), layer_cache
 
 
 class Qwen(nnx.Module):
@@ -233,10 +235,13 @@ class Qwen(nnx.Module):
             rope = jax.tree.map(lambda a: a[:, 0], jax.vmap(lambda p: self._rope(p[None], x.dtype))(positions))
         else:
             rope = self._rope(positions, x.dtype)
-        graphdef, state = nnx.split(self.layers)
+        stacks = {name: nnx.split(getattr(self, name)) for name in layer_stacks(cfg)}
+        where = {i: (name, j) for name, indices in layer_stacks(cfg).items() for j, i in enumerate(indices)}
         written = []
         for i in range(cfg.num_hidden_layers):
-            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            name, j = where[i]
+            graphdef, state = stacks[name]
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], state))
             x, kv = layer.decode(x, rope=rope, positions=positions, cache=cache, sliding_window=cfg.layer_window(i),
                                  layer_cache=(cache.keys[i], cache.values[i]))
             written.append(kv)

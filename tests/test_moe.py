@@ -85,6 +85,20 @@ def test_logits_match_transformers(folders, name):
         assert np.abs(_forward(scanned, ids) - ref).max() <= TOL
 
 
+@pytest.mark.parametrize("name", ["qwen2_mixed_untied", "qwen3_mixed_tied"])
+def test_greedy_generation_matches_transformers(folders, name):
+    """Generation walks mixed dense/sparse stacks in layer order: greedy tokens equal transformers'."""
+    folder, hf = folders[name]
+    model = qwen_jax.from_pretrained(folder)
+    prompts = [random_ids(1, 9, seed=3)[0].tolist(), random_ids(1, 4, seed=4)[0].tolist()]
+    ours = qwen_jax.generate(model, prompts, max_new_tokens=6, stop_ids=[])
+    for prompt, got in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert got == out[0, len(prompt):].tolist()
+
+
 def test_layer_stacks_follow_sparse_step_and_mlp_only_layers(folders):
     model = qwen_jax.from_pretrained(folders["qwen2_mixed_untied"][0])
     # 4 layers, decoder_sparse_step 2, mlp_only_layers [2]: layer 1 and 3 sparse
