@@ -38,7 +38,9 @@ flags.DEFINE_enum("distributed", "env", ["env", "auto", "off"],
                   "env: initialize from flags / JAX_* environment variables when given; "
                   "auto: jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM); off: never.")
 
-EXIT_PREEMPTED = 0  # exit code after a SIGTERM-triggered checkpoint (documented in docs/training.md)
+EXIT_PREEMPTED = 0  # exit code after a SIGTERM/SIGINT-triggered checkpoint (documented in docs/training.md)
+EXIT_FAILED = 1  # the run stopped: non-finite step, failed save, device out of memory
+EXIT_USAGE = 2  # bad input, or the workdir is in use by another run
 
 
 class ConfigKeyError(ValueError):
@@ -208,6 +210,7 @@ def run(config, workdir: str) -> int:
     from qwen_jax import sharding as sh
     from qwen_jax.trainer import optimizer as opt_lib
     from qwen_jax.trainer import train_step as ts
+    from qwen_jax.trainer.prefetch import DevicePrefetcher
     from qwen_jax.trainer.synthetic import SyntheticBatches
 
     say = metrics_lib.say
@@ -251,92 +254,224 @@ def run(config, workdir: str) -> int:
     state_sh = ts.state_shardings(tx, abstract_params, p_sh, mesh)
     abstract = ts.abstract_state(tx, abstract_params, state_sh)
     batch_sh = ts.batch_shardings(mesh, gbs, seq_len)
-
-    # ---- data
-    if config.synthetic_data:
-        data_iter = SyntheticBatches(gbs, seq_len, cfg.vocab_size, seed=int(config.data.get("seed", 0)),
-                                     process_index=pidx, process_count=pcount)
-    else:
-        from qwen_jax.data import make_pipeline
-
-        if source == "hf" and not config.data.get("model_dir", "x"):
-            config.data.model_dir = config.model.init_from  # stop ids from the model's generation_config.json
-        data_iter = make_pipeline(config.data, process_index=pidx, process_count=pcount).iterator()
-
-    # ---- state: resume, or init
-    os.makedirs(workdir, exist_ok=True)
-    ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
-    ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=int(config.keep_checkpoints),
-                                 async_save=bool(config.async_checkpointing))
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(latest, abstract, data_iter)
-        say(f"resumed from {ckpt_dir} step {latest}")
-    else:
-        if source == "preset":
-            params = ts.init_params(cfg, int(config.seed), p_sh)
-        elif source == "hf":
-            from qwen_jax.hf_io import from_pretrained
-
-            model = from_pretrained(config.model.init_from, mesh=mesh, **overrides)
-            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-            del model
-        else:
-            step = None if config.model.init_step < 0 else int(config.model.init_step)
-            params = ckpt_lib.restore_params(config.model.init_from, step, abstract_params, p_sh)
-        state = ts.init_state(params, tx, int(config.seed), state_sh)
-        del params
-        say(f"initialised from {source}; checkpoints in {ckpt_dir}")
-    if pidx == 0:
-        tok_dir = None if config.synthetic_data else _tokenizer_dir(config.data)
-        ckpt_lib.write_side_files(ckpt_dir, cfg, hf_source=config.model.init_from if source != "preset" else None,
-                                  tokenizer_dir=tok_dir)
-
-    train_step = ts.make_train_step(graphdef, tx, schedule, freeze, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
-                                    chunk_size=int(config.loss.chunk_size), z_loss=float(config.loss.z_loss),
-                                    grad_accum_steps=accum, zigzag=ring > 1)
-    logger = metrics_lib.MetricsLogger(
-        workdir, peak_flops=metrics_lib.peak_flops_per_device(float(config.peak_flops_per_device)),
-        num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0)
-    config_json = json.loads(config.to_json_best_effort())
-
-    def save(step, force=False):
-        meta = {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(), "config": config_json}
-        return ckpt.save(step, state, meta, data_iter, force=force)
-
-    guard = ckpt_lib.PreemptionGuard()
-    step = int(jax.device_get(state["step"]))
+    keep = int(config.keep_checkpoints)
+    if keep < 1:
+        raise ConfigKeyError(f"config key 'keep_checkpoints' must be >= 1 (the last checkpoints kept), got {keep}")
+    nonfinite = str(config.nonfinite)
+    if nonfinite not in ts.NONFINITE_MODES:
+        raise ConfigKeyError(f"config key 'nonfinite' must be one of {', '.join(ts.NONFINITE_MODES)}, "
+                             f"got {nonfinite!r}")
     total = int(config.total_steps)
-    t_last = time.perf_counter()
-    exit_code = 0
-    while step < total:
-        local = ts.permute_batch_for_ring(next(data_iter), ring)
-        batch = {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k]))
-                 for k in ts.BATCH_KEYS}
-        state, metrics = train_step(state, batch)
-        step += 1
-        metrics = jax.device_get(metrics)
-        now = time.perf_counter()
-        rows, length = batch["input_ids"].shape  # the data schedule may change them
-        logger.log(step, metrics, step_time=now - t_last, tokens=rows * length, total_steps=total,
-                   flops_per_token=metrics_lib.flops_per_token(cfg, length))
-        t_last = now
-        if step % int(config.save_every) == 0 or step == total:
-            save(step)
-        if _preempted(guard, ckpt, step):
-            if ckpt.latest_step() != step:
-                save(step, force=True)
-            ckpt.wait()
-            say(f"preempted (signal {guard.signum}): saved step {step}, exiting")
-            exit_code = EXIT_PREEMPTED
-            break
-    ckpt.close()
-    logger.close()
-    if step >= total:
-        say(f"done: {total} steps; checkpoints in {ckpt_dir}")
-        if config.export_hf:
-            export_hf(ckpt_dir, config.export_hf_dir or os.path.join(workdir, "hf_export"), total)
-    return exit_code
+    export_dir = os.path.abspath(config.export_hf_dir or os.path.join(workdir, "hf_export"))
+
+    # ---- the workdir: one run at a time (process 0 holds the lock for all)
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        lock = ckpt_lib.WorkdirLock(workdir) if pidx == 0 else None
+    except ckpt_lib.WorkdirBusy as e:
+        raise RunError(str(e), EXIT_USAGE) from None
+    guard = ckpt_lib.PreemptionGuard(announce=say)
+    ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=keep, async_save=bool(config.async_checkpointing))
+    logger = prefetcher = None
+    try:
+        newest = next(iter(ckpt.step_folders()), None)
+        if newest is not None and newest >= total and ckpt.missing_items(newest, with_data=True) is None:
+            say(f"run complete: checkpoint step {newest} >= total_steps {total} in {ckpt_dir}; nothing to train "
+                "(raise --config.total_steps to train further)")
+            ckpt.close()
+            if config.export_hf:
+                export_hf(ckpt_dir, export_dir, newest)
+            return 0
+
+        # ---- data
+        if config.synthetic_data:
+            data_iter = SyntheticBatches(gbs, seq_len, cfg.vocab_size, seed=int(config.data.get("seed", 0)),
+                                         process_index=pidx, process_count=pcount)
+        else:
+            from qwen_jax.data import make_pipeline
+
+            if source == "hf" and not config.data.get("model_dir", "x"):
+                config.data.model_dir = config.model.init_from  # stop ids from the model's generation_config.json
+            data_iter = make_pipeline(config.data, process_index=pidx, process_count=pcount).iterator()
+
+        # ---- state: resume from the newest intact checkpoint, or init
+        try:
+            restored = ckpt.restore_latest(abstract, data_iter, report=say)
+        except ckpt_lib.CheckpointMismatch as e:
+            raise RunError(str(e), EXIT_USAGE) from None
+        skipped = 0
+        if restored is not None:
+            latest, state, meta = restored
+            skipped = int(meta.get("nonfinite_skipped", 0))
+            say(f"resumed from {ckpt_dir} step {latest}")
+        else:
+            if source == "preset":
+                params = ts.init_params(cfg, int(config.seed), p_sh)
+            elif source == "hf":
+                from qwen_jax.hf_io import from_pretrained
+
+                model = from_pretrained(config.model.init_from, mesh=mesh, **overrides)
+                params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+                del model
+            else:
+                step = None if config.model.init_step < 0 else int(config.model.init_step)
+                params = ckpt_lib.restore_params(config.model.init_from, step, abstract_params, p_sh)
+            state = ts.init_state(params, tx, int(config.seed), state_sh)
+            del params
+            say(f"initialised from {source}; checkpoints in {ckpt_dir}")
+        if pidx == 0:
+            tok_dir = None if config.synthetic_data else _tokenizer_dir(config.data)
+            ckpt_lib.write_side_files(ckpt_dir, cfg,
+                                      hf_source=config.model.init_from if source != "preset" else None,
+                                      tokenizer_dir=tok_dir)
+
+        train_step = ts.make_train_step(graphdef, tx, schedule, freeze, mesh=mesh, state_sh=state_sh,
+                                        batch_sh=batch_sh, chunk_size=int(config.loss.chunk_size),
+                                        z_loss=float(config.loss.z_loss), grad_accum_steps=accum, zigzag=ring > 1,
+                                        nonfinite=nonfinite)
+        step = int(jax.device_get(state["step"]))
+        logger = metrics_lib.MetricsLogger(
+            workdir, peak_flops=metrics_lib.peak_flops_per_device(float(config.peak_flops_per_device)),
+            num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0, resume_step=step)
+        config_json = json.loads(config.to_json_best_effort())
+
+        def to_global(local):
+            local = ts.permute_batch_for_ring(local, ring)
+            return {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k]))
+                    for k in ts.BATCH_KEYS}
+
+        prefetcher = DevicePrefetcher(data_iter, to_global)
+        pending = []  # the last dispatched step: (step, metrics on device, tokens, row length)
+        saved = []  # steps whose save has started
+        t_last = time.perf_counter()
+
+        def drain():
+            """Fetch and log the pending step's metrics (waits for that step); stop on a non-finite step."""
+            nonlocal t_last, skipped
+            if not pending:
+                return
+            done, metrics, tokens, length = pending.pop()
+            metrics = _on_device_errors(lambda: jax.device_get(metrics), done)
+            now = time.perf_counter()
+            finite = bool(metrics.pop("finite"))
+            if not finite and nonfinite == "skip":
+                skipped += 1
+                say(f"step {done}: non-finite loss {float(metrics['loss'])} / grad_norm "
+                    f"{float(metrics['grad_norm'])}: update skipped ({skipped} so far)")
+            if nonfinite == "skip":
+                metrics["nonfinite_skipped"] = skipped
+            logger.log(done, metrics, step_time=now - t_last, tokens=tokens, total_steps=total,
+                       flops_per_token=metrics_lib.flops_per_token(cfg, length))
+            t_last = now
+            if not finite and nonfinite == "stop":
+                last = max(saved, default=None)
+                kept = f"the last checkpoint (step {last}) is kept" if last else "no checkpoint was written"
+                raise RunError(f"non-finite loss {float(metrics['loss'])} / grad_norm {float(metrics['grad_norm'])} "
+                               f"/ learning rate {float(metrics['learning_rate'])} at step {done}: stopped before "
+                               f"saving it; {kept}, nothing is exported (nonfinite='skip' skips such steps)",
+                               EXIT_FAILED)
+
+        def save(step, data_state, force=False):
+            drain()  # a state is saved only once its own metrics were checked
+            logger.flush()
+            meta = {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(), "config": config_json,
+                    "nonfinite_skipped": skipped}
+            saved.append(step)
+            _on_save_errors(lambda: ckpt.save(step, state, meta, data_iter, force=force, data_state=data_state),
+                            step, ckpt_dir)
+
+        if step < total and guard.requested:
+            say(f"preempted (signal {guard.signum}) before the first step; nothing new to save, exiting")
+            return EXIT_PREEMPTED
+        exit_code = 0
+        data_state = None
+        while step < total:
+            batch, data_state = next(prefetcher)
+            rows, length = batch["input_ids"].shape  # the data schedule may change them
+            state, metrics = _on_device_errors(lambda: train_step(state, batch), step + 1)  # noqa: B023
+            step += 1
+            drain()  # the previous step's metrics: the device already has this step queued
+            pending.append((step, metrics, rows * length, length))
+            if step % int(config.save_every) == 0 or step == total:
+                save(step, data_state)
+            if _preempted(guard, ckpt, step):
+                if not saved or saved[-1] != step:
+                    save(step, data_state, force=True)
+                _on_save_errors(ckpt.wait, step, ckpt_dir)
+                say(f"preempted (signal {guard.signum}): saved step {step}, exiting")
+                exit_code = EXIT_PREEMPTED
+                break
+        drain()
+        _on_save_errors(ckpt.close, max(saved, default=step), ckpt_dir)
+        logger.close()
+        if step >= total:
+            say(f"done: {total} steps; checkpoints in {ckpt_dir}")
+            if config.export_hf:
+                export_hf(ckpt_dir, export_dir, step)
+        return exit_code
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
+        if logger is not None:
+            logger.close()
+        guard.restore()
+        if lock is not None:
+            lock.release()
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on, said in one line (`error: ...`); `code` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def _on_save_errors(fn, step: int, ckpt_dir: str):
+    """Run a checkpoint call; a failed save becomes one RunError naming the cause and the path."""
+    from qwen_jax.checkpoint import one_line
+
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - Orbax wraps OS errors in many types
+        raise RunError(f"checkpoint save of step {step} failed: {one_line(e)} (checkpoint folder {ckpt_dir}); "
+                       "the run stopped, earlier complete checkpoints are kept", EXIT_FAILED) from None
+
+
+def _on_device_errors(fn, step: int):
+    """Run a device call; device out-of-memory becomes one RunError with the need and the knobs."""
+    import jax
+
+    try:
+        return fn()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        device = jax.local_devices()[0]
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:  # noqa: BLE001 - not every backend has memory stats
+            stats = {}
+        raise RunError(oom_message(str(e), step, device.device_kind, stats.get("bytes_limit")), EXIT_FAILED) from None
+
+
+def oom_message(text: str, step: int, device_kind: str, device_bytes: int | None) -> str:
+    """One line for a device out-of-memory error: what was asked for, what the device has, what lowers it."""
+    import re
+
+    gib = 1 << 30
+    need = re.search(r"(?:allocate|allocating)\s+([0-9.]+)\s*([KMGT]?i?B|bytes)?", text)
+    need_text = "more than is free"
+    if need:
+        value, unit = float(need.group(1)), (need.group(2) or "bytes").upper()
+        scale = {"BYTES": 1, "B": 1, "KB": 1e3, "KIB": 1 << 10, "MB": 1e6, "MIB": 1 << 20, "GB": 1e9, "GIB": gib,
+                 "TB": 1e12, "TIB": 1 << 40}.get(unit, 1)
+        need_text = f"{value * scale / gib:.1f} GiB"
+    has = f"{device_bytes / gib:.1f} GiB" if device_bytes else "an unknown amount"
+    return (f"out of device memory at step {step}: an allocation of {need_text} on {device_kind} with {has} usable; "
+            "lower it with model.remat=full (or dots), model.attention=auto/cudnn/blockwise, a smaller "
+            "data.global_batch_size or more grad_accum_steps, a smaller loss.chunk_size")
 
 
 def _tokenizer_dir(data_cfg) -> str | None:
@@ -361,19 +496,66 @@ def _preempted(guard, ckpt, step: int) -> bool:
     return flag
 
 
+EXPORT_RECORD = "qwen_jax_export.json"  # in the export folder: the checkpoint step it was written from
+
+
+def exported_step(out_dir: str) -> int | None:
+    """The checkpoint step an existing export was written from (None: no export, or one we did not write)."""
+    try:
+        with open(os.path.join(out_dir, EXPORT_RECORD), encoding="utf-8") as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def export_hf(ckpt_dir: str, out_dir: str, step: int) -> None:
+    """Export checkpoint `step` as a Hugging Face folder at `out_dir`, replacing an older export atomically.
+
+    Nothing is written when `out_dir` already holds this step.  The new folder is built beside
+    `out_dir` and swapped in by two renames; a failure leaves the previous export untouched.
+    """
+    import shutil
+
     import jax
 
+    from qwen_jax.checkpoint import honour_umask
     from qwen_jax.metrics import say
 
     try:
-        from tools.convert import orbax_to_hf
+        from tools.convert import ConvertError, orbax_to_hf
     except ImportError:
-        say("HF export skipped: tools/convert.py (issue 4) is not available yet")
+        say("HF export skipped: tools/convert.py is not available")
         return
-    if jax.process_index() == 0:
-        orbax_to_hf(ckpt_dir, out_dir, step=step)
-        say(f"exported Hugging Face folder: {out_dir}")
+    if jax.process_index() != 0:
+        return
+    if exported_step(out_dir) == step:
+        say(f"Hugging Face export {out_dir} is up to date (step {step})")
+        return
+    staging, retired = f"{out_dir}.new", f"{out_dir}.old"  # the workdir lock keeps them to one run
+    if os.path.lexists(retired) and not os.path.lexists(out_dir):  # a run killed between the two renames
+        os.rename(retired, out_dir)
+    for leftover in (staging, retired):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        orbax_to_hf(ckpt_dir, staging, step=step)
+        with open(os.path.join(staging, EXPORT_RECORD), "w", encoding="utf-8") as f:
+            json.dump({"step": step, "checkpoints": ckpt_dir}, f)
+            f.write("\n")
+        honour_umask(staging)
+        if os.path.lexists(out_dir):
+            os.rename(out_dir, retired)
+        os.rename(staging, out_dir)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if os.path.lexists(retired) and not os.path.lexists(out_dir):
+            os.rename(retired, out_dir)
+        if isinstance(e, (ConvertError, OSError)):
+            kept = "the previous export is unchanged" if os.path.lexists(out_dir) else "no export was written"
+            raise RunError(f"Hugging Face export of step {step} to {out_dir} failed ({kept}): {e}",
+                           EXIT_FAILED) from None
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+    say(f"exported Hugging Face folder: {out_dir} (step {step})")
 
 
 def main(argv):
@@ -394,6 +576,9 @@ def main(argv):
     except (ConfigKeyError, ConfigError, FreezeError) as e:
         print(f"FATAL config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.code)
     sys.exit(code)
 
 

@@ -30,6 +30,7 @@ from qwen_jax.trainer.loss import model_loss_sums
 from qwen_jax.trainer.optimizer import FreezeSpec, apply_freeze, path_str
 
 BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
+NONFINITE_MODES = ("stop", "skip")  # what a step with a non-finite loss / gradient norm / learning rate does
 
 
 def param_shardings(cfg: QwenConfig, mesh: Mesh):
@@ -111,11 +112,17 @@ def permute_batch_for_ring(batch: dict, ring: int) -> dict:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, freeze: FreezeSpec, *,
                     mesh: Mesh, state_sh: dict, batch_sh: dict, chunk_size: int = 1024, z_loss: float = 0.0,
-                    grad_accum_steps: int = 1, zigzag: bool = False) -> Callable:
+                    grad_accum_steps: int = 1, zigzag: bool = False, nonfinite: str = "stop") -> Callable:
     """`step(state, batch) -> (state, metrics)`, jitted, state donated.
 
     `zigzag`: batches arrive in ring attention's zig-zag order (see `permute_batch_for_ring`).
+    `nonfinite`: metrics always carry `finite` (1.0 when loss, gradient norm and learning rate are
+    finite).  "stop" applies every update (the launcher stops before saving a non-finite state);
+    "skip" keeps params and optimizer state unchanged on a non-finite step, decided on the device so
+    the host never waits for it.
     """
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
     accum = int(grad_accum_steps)
 
     def loss_fn(params, batch, denom):
@@ -150,9 +157,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         new_params = optax.apply_updates(params, updates)
         new_params = jax.tree.map(lambda n, p: n.astype(p.dtype), new_params, params)
         rng, _ = jax.random.split(state["rng"])
+        lr = schedule(state["step"])
+        finite = jnp.isfinite(nll) & jnp.isfinite(z) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
+        if nonfinite == "skip":
+            new_params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                                 (new_params, opt_state), (params, state["opt_state"]))
         new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
         metrics = {"loss": nll / denom, "z_loss": z / denom, "grad_norm": grad_norm,
-                   "learning_rate": schedule(state["step"]), "loss_tokens": denom}
+                   "learning_rate": lr, "loss_tokens": denom, "finite": finite.astype(jnp.float32)}
         return new_state, metrics
 
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
