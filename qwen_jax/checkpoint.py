@@ -25,6 +25,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -249,21 +250,52 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
             text += f": {os_error.filename}"
         return text
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    first = first.split(" See full TensorStore details")[0].rstrip(" .")  # a repr of the whole spec follows
     text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return text if len(text) <= limit else text[:limit] + "..."
 
 
 def os_error_in(exc: BaseException) -> OSError | None:
-    """The OSError somewhere in an exception's cause/context chain (Orbax and TensorStore wrap them)."""
+    """The OSError somewhere in an exception's cause/context chain (Orbax and TensorStore wrap them).
+
+    TensorStore reports OS errors as text (`... "path": ... No space left on device
+    [os_error_code='28']`); those become an OSError with that errno and the last path quoted.
+    """
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno is not None:
             return exc
-        if "No space left on device" in str(exc):
-            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        text = str(exc)
+        code = re.search(r"os_error_code='(\d+)'", text)
+        if code:
+            paths = re.findall(r'"(/[^"]+)"', text)
+            number = int(code.group(1))
+            return OSError(number, os.strerror(number), paths[-1] if paths else None)
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def failed_step(exc: BaseException) -> int | None:
+    """The step an Orbax save error is about (its temporary step folder appears in the message)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(exc))
+        if found:
+            return int(found.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class OrbaxErrorLogFilter(logging.Filter):
+    """Drops Orbax's own ERROR log records (each with a page of traceback from its background threads).
+
+    The trainer reports a failed save or restore itself, in one line; `--verbosity` brings them back.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 def restore_params(ckpt_dir: str, step: int | None, abstract_pure, shardings):

@@ -87,11 +87,10 @@ class EventWriter:
                                        session_log=SessionLog(status=SessionLog.START)))
 
     def scalars(self, step: int, values: dict) -> None:
-        from tensorboardX.summary import scalar
+        from tensorboardX.proto.summary_pb2 import Summary
 
-        now = time.time()
-        for tag, value in values.items():
-            self._writer.write_event(self._event(wall_time=now, step=step, summary=scalar(tag, value)))
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+        self._writer.write_event(self._event(wall_time=time.time(), step=step, summary=summary))
 
     def flush(self) -> None:
         self._writer.flush()

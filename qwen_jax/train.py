@@ -357,8 +357,7 @@ def run(config, workdir: str) -> int:
             finite = bool(metrics.pop("finite"))
             if not finite and nonfinite == "skip":
                 skipped += 1
-                say(f"step {done}: non-finite loss {float(metrics['loss'])} / grad_norm "
-                    f"{float(metrics['grad_norm'])}: update skipped ({skipped} so far)")
+                say(f"step {done}: {_nonfinite_values(metrics)}: update skipped ({skipped} so far)")
             if nonfinite == "skip":
                 metrics["nonfinite_skipped"] = skipped
             logger.log(done, metrics, step_time=now - t_last, tokens=tokens, total_steps=total,
@@ -367,10 +366,8 @@ def run(config, workdir: str) -> int:
             if not finite and nonfinite == "stop":
                 last = max(saved, default=None)
                 kept = f"the last checkpoint (step {last}) is kept" if last else "no checkpoint was written"
-                raise RunError(f"non-finite loss {float(metrics['loss'])} / grad_norm {float(metrics['grad_norm'])} "
-                               f"/ learning rate {float(metrics['learning_rate'])} at step {done}: stopped before "
-                               f"saving it; {kept}, nothing is exported (nonfinite='skip' skips such steps)",
-                               EXIT_FAILED)
+                raise RunError(f"{_nonfinite_values(metrics)} at step {done}: stopped before saving it; {kept}, "
+                               "nothing is exported (nonfinite='skip' skips such steps instead)", EXIT_FAILED)
 
         def save(step, data_state, force=False):
             drain()  # a state is saved only once its own metrics were checked
@@ -420,23 +417,38 @@ def run(config, workdir: str) -> int:
             lock.release()
 
 
+def _nonfinite_values(metrics: dict) -> str:
+    """'non-finite learning_rate nan' etc.: the metrics the step's finite flag is made of."""
+    import math
+
+    bad = [f"{k} {float(metrics[k])}" for k in ("loss", "z_loss", "grad_norm", "learning_rate")
+           if k in metrics and not math.isfinite(float(metrics[k]))]
+    return "non-finite " + (", ".join(bad) or "values")
+
+
 class RunError(RuntimeError):
     """A run that cannot go on, said in one line (`error: ...`); `code` is the exit status."""
 
-    def __init__(self, message: str, code: int):
+    def __init__(self, message: str, code: int, hard_exit: bool = False):
         super().__init__(message)
         self.code = code
+        self.hard_exit = hard_exit  # background threads (a failed Orbax save) are broken: skip their teardown
 
 
 def _on_save_errors(fn, step: int, ckpt_dir: str):
-    """Run a checkpoint call; a failed save becomes one RunError naming the cause and the path."""
-    from qwen_jax.checkpoint import one_line
+    """Run a checkpoint call; a failed save becomes one RunError naming the cause and the path.
+
+    An asynchronous save fails in the background and surfaces at the next checkpoint call, so the
+    step is read from the error when it names one.
+    """
+    from qwen_jax.checkpoint import failed_step, one_line
 
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - Orbax wraps OS errors in many types
-        raise RunError(f"checkpoint save of step {step} failed: {one_line(e)} (checkpoint folder {ckpt_dir}); "
-                       "the run stopped, earlier complete checkpoints are kept", EXIT_FAILED) from None
+        raise RunError(f"checkpoint save of step {failed_step(e) or step} failed: {one_line(e)} (checkpoint "
+                       f"folder {ckpt_dir}); the run stopped, earlier complete checkpoints are kept", EXIT_FAILED,
+                       hard_exit=True) from None
 
 
 def _on_device_errors(fn, step: int):
@@ -567,6 +579,10 @@ def main(argv):
         from absl import logging
 
         logging.set_verbosity(logging.WARNING)
+        from qwen_jax.checkpoint import OrbaxErrorLogFilter
+
+        logging.get_absl_logger().addFilter(OrbaxErrorLogFilter())
+        sys.unraisablehook = _quiet_after_failed_save(sys.unraisablehook)
     init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from qwen_jax.config import ConfigError
     from qwen_jax.trainer.optimizer import FreezeError
@@ -578,8 +594,27 @@ def main(argv):
         sys.exit(2)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        if e.hard_exit:
+            sys.stdout.flush()
+            os._exit(e.code)
         sys.exit(e.code)
     sys.exit(code)
+
+
+def _quiet_after_failed_save(previous):
+    """An unraisable hook that drops TensorStore's late callbacks into Orbax's closed event loops.
+
+    After a failed save (a full disk) every outstanding write's completion callback raises
+    "Event loop is closed", which TensorStore hands to sys.unraisablehook (a traceback each);
+    the failure itself is reported in one line by the loop.
+    """
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    return hook
 
 
 def cli():
