@@ -322,9 +322,10 @@ def run(config, workdir: str) -> int:
             say(f"initialised from {source}; checkpoints in {ckpt_dir}")
         if pidx == 0:
             tok_dir = None if config.synthetic_data else _tokenizer_dir(config.data)
-            ckpt_lib.write_side_files(ckpt_dir, cfg,
-                                      hf_source=config.model.init_from if source != "preset" else None,
-                                      tokenizer_dir=tok_dir)
+            hf_source = config.model.init_from if source != "preset" else None
+            _on_save_errors(lambda: ckpt_lib.write_side_files(ckpt_dir, cfg, hf_source=hf_source,
+                                                              tokenizer_dir=tok_dir),
+                            0, ckpt_dir, what="writing the Hugging Face side files beside the checkpoints")
 
         train_step = ts.make_train_step(graphdef, tx, schedule, freeze, mesh=mesh, state_sh=state_sh,
                                         batch_sh=batch_sh, chunk_size=int(config.loss.chunk_size),
@@ -352,7 +353,7 @@ def run(config, workdir: str) -> int:
             if not pending:
                 return
             done, metrics, tokens, length = pending.pop()
-            metrics = _on_device_errors(lambda: jax.device_get(metrics), done)
+            metrics = on_device_errors(lambda: jax.device_get(metrics), done)
             now = time.perf_counter()
             finite = bool(metrics.pop("finite"))
             if not finite and nonfinite == "skip":
@@ -386,7 +387,7 @@ def run(config, workdir: str) -> int:
         while step < total:
             batch, data_state = next(prefetcher)
             rows, length = batch["input_ids"].shape  # the data schedule may change them
-            state, metrics = _on_device_errors(lambda: train_step(state, batch), step + 1)  # noqa: B023
+            state, metrics = on_device_errors(lambda: train_step(state, batch), step + 1)  # noqa: B023
             step += 1
             drain()  # the previous step's metrics: the device already has this step queued
             pending.append((step, metrics, rows * length, length))
@@ -435,7 +436,7 @@ class RunError(RuntimeError):
         self.hard_exit = hard_exit  # background threads (a failed Orbax save) are broken: skip their teardown
 
 
-def _on_save_errors(fn, step: int, ckpt_dir: str):
+def _on_save_errors(fn, step: int, ckpt_dir: str, what: str = ""):
     """Run a checkpoint call; a failed save becomes one RunError naming the cause and the path.
 
     An asynchronous save fails in the background and surfaces at the next checkpoint call, so the
@@ -446,12 +447,12 @@ def _on_save_errors(fn, step: int, ckpt_dir: str):
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - Orbax wraps OS errors in many types
-        raise RunError(f"checkpoint save of step {failed_step(e) or step} failed: {one_line(e)} (checkpoint "
-                       f"folder {ckpt_dir}); the run stopped, earlier complete checkpoints are kept", EXIT_FAILED,
-                       hard_exit=True) from None
+        what = what or f"checkpoint save of step {failed_step(e) or step}"
+        raise RunError(f"{what} failed: {one_line(e)} (checkpoint folder {ckpt_dir}); the run stopped, earlier "
+                       "complete checkpoints are kept", EXIT_FAILED, hard_exit=True) from None
 
 
-def _on_device_errors(fn, step: int):
+def on_device_errors(fn, step: int):
     """Run a device call; device out-of-memory becomes one RunError with the need and the knobs."""
     import jax
 
