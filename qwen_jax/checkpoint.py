@@ -125,8 +125,10 @@ class Checkpointer:
     def missing_items(self, step: int, with_data: bool) -> str | None:
         """What a step folder lacks to be restorable (None when every item is there and non-empty)."""
         folder = os.path.join(self.directory, str(step))
+        if not os.listdir(folder):
+            return "empty step folder"
         if step not in self.all_steps():
-            return "not a finished Orbax checkpoint" if os.listdir(folder) else "empty step folder"
+            return "not a finished Orbax checkpoint"
         for item in ITEMS + (("data",) if with_data else ()):
             path = os.path.join(folder, item)
             if not os.path.isdir(path) or not os.listdir(path):

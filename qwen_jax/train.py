@@ -301,8 +301,10 @@ def run(config, workdir: str) -> int:
         except ckpt_lib.CheckpointMismatch as e:
             raise RunError(str(e), EXIT_USAGE) from None
         skipped = 0
+        saved = []  # checkpoint steps: the one resumed from, then those whose save has started
         if restored is not None:
             latest, state, meta = restored
+            saved.append(latest)
             skipped = int(meta.get("nonfinite_skipped", 0))
             say(f"resumed from {ckpt_dir} step {latest}")
         else:
@@ -344,7 +346,6 @@ def run(config, workdir: str) -> int:
 
         prefetcher = DevicePrefetcher(data_iter, to_global)
         pending = []  # the last dispatched step: (step, metrics on device, tokens, row length)
-        saved = []  # steps whose save has started
         t_last = time.perf_counter()
 
         def drain():
