@@ -414,6 +414,14 @@ def run(config, workdir: str) -> int:
             prefetcher.close()
         if logger is not None:
             logger.close()
+        error = sys.exc_info()[1]
+        if not (isinstance(error, RunError) and error.hard_exit):  # a stopped run still finishes earlier saves
+            try:
+                ckpt.close()
+            except Exception as e:  # noqa: BLE001 - the error already on its way out is the one to report
+                if error is None:
+                    raise RunError(f"checkpoint save failed: {ckpt_lib.one_line(e)} (checkpoint folder "
+                                   f"{ckpt_dir})", EXIT_FAILED, hard_exit=True) from None
         guard.restore()
         if lock is not None:
             lock.release()
