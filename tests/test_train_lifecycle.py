@@ -176,6 +176,7 @@ def test_second_run_in_a_running_workdir_is_refused_and_ctrl_c_saves_the_current
     assert code == 130, log
     assert "second SIGINT: stopped at once without saving" in log and "Traceback" not in log
     assert stopped_in < 5, stopped_in
+    print(f"second Ctrl-C: process gone {stopped_in:.2f} s after it")
     assert max(_ckpt_steps(workdir)) == last
 
 
