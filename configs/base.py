@@ -29,9 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- run length, checkpoints, logging
     c.seed = 0  # parameter init (random init) and the training RNG
     c.total_steps = 100  # optimizer steps (one step = one global batch, all microbatches)
-    c.save_every = 50  # checkpoint every N steps (asynchronous), plus the last step and on SIGTERM
-    c.keep_checkpoints = 3  # keep the last K checkpoints
+    c.save_every = 50  # checkpoint every N steps (asynchronous), plus the last step and on SIGTERM / SIGINT
+    c.keep_checkpoints = 3  # keep the last K checkpoints (>= 1)
     c.async_checkpointing = True
+    c.nonfinite = "stop"  # non-finite loss / grad norm / lr: "stop" before saving that state, or "skip" the update
     c.log_every = 1  # progress line every N steps (metrics.jsonl and TensorBoard get every step)
     c.peak_flops_per_device = 0.0  # FLOP/s for MFU; 0 = look up the device kind (CPU: MFU n/a)
 
@@ -43,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.overrides = ""  # architecture overrides, "key=value,key=value" (e.g. "vocab_size=512")
     c.model.dtype = "bfloat16"  # compute dtype (activations, matmul inputs)
     c.model.param_dtype = "float32"  # master parameter dtype (optimizer state follows it)
-    c.model.attention = "xla"  # qwen_jax attention implementation (xla | blockwise | cudnn | kernel | ring)
+    c.model.attention = "auto"  # auto (cuDNN on GPU in 16-bit, else xla) | xla | blockwise | cudnn | kernel | ring
     c.model.remat = "none"  # none | full | dots | dots_no_batch
     c.model.scan_layers = False  # lax.scan over decoder layers: faster compiles for deep models
 

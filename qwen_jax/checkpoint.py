@@ -10,16 +10,26 @@ Layout (the contract shared with `tools/convert.py`)::
         <step>/data       the data iterator's state (grain's handler, or JSON for synthetic data)
 
 A step directory only appears once its (asynchronous) save has finished, so a run killed
-mid-save resumes from the previous complete checkpoint.
+mid-save resumes from the previous complete checkpoint.  A step that does not restore (a
+truncated file, a missing item, an empty stray folder) is moved to `<workdir>/checkpoints.damaged/`
+and the next older one is used (`Checkpointer.restore_latest`).
+
+Everything written here honours the process umask (`honour_umask`), so a serving process of
+another user can read checkpoints and exports.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import signal
+import socket
+import sys
 import tempfile
 import threading
 
@@ -56,13 +66,47 @@ def _is_grain(iterator) -> bool:
     return isinstance(iterator, grain.DatasetIterator) or type(iterator).__module__.split(".")[0] == "grain"
 
 
+def _frozen_grain_state(state: dict):
+    """A grain iterator that only returns `state`: grain's save handler writes `item.get_state()`.
+
+    The trainer reads batches ahead of the step that consumes them, so a checkpoint must save the
+    iterator state recorded with the batch of that step, not the (further) state of the iterator now.
+    """
+    import grain
+
+    class FrozenState(grain.DatasetIterator):
+        def __next__(self):
+            raise StopIteration
+
+        def get_state(self):
+            return state
+
+        def set_state(self, new_state):
+            raise NotImplementedError("a saved-state snapshot cannot be restored into")
+
+    return FrozenState()
+
+
+class CheckpointMismatch(ValueError):
+    """A complete checkpoint whose arrays do not fit this run's model / optimizer (a config change, not damage)."""
+
+
+ITEMS = ("params", "opt_state", "meta")
+
+
 class Checkpointer:
     """One `ocp.CheckpointManager` with the items params, opt_state, meta, data."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        if keep < 1:
+            raise ValueError(f"keep={keep}: at least one checkpoint must be kept")
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    @property
+    def damaged_directory(self) -> str:
+        return self.directory + ".damaged"
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -70,14 +114,45 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: dict, meta: dict, data_iterator=None, force: bool = False) -> bool:
+    def step_folders(self) -> list[int]:
+        """Numbered step folders on disk, newest first (also the ones Orbax does not list, e.g. empty ones)."""
+        if not os.path.isdir(self.directory):
+            return []
+        names = os.listdir(self.directory)
+        return sorted((int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(self.directory, n))),
+                      reverse=True)
+
+    def missing_items(self, step: int, with_data: bool) -> str | None:
+        """What a step folder lacks to be restorable (None when every item is there and non-empty)."""
+        folder = os.path.join(self.directory, str(step))
+        if not os.listdir(folder):
+            return "empty step folder"
+        if step not in self.all_steps():
+            return "not a finished Orbax checkpoint"
+        for item in ITEMS + (("data",) if with_data else ()):
+            path = os.path.join(folder, item)
+            if not os.path.isdir(path) or not os.listdir(path):
+                return f"item {item!r} missing"
+        return None
+
+    def save(self, step: int, state: dict, meta: dict, data_iterator=None, force: bool = False,
+             data_state: dict | None = None) -> bool:
+        """Start saving `step` (asynchronous when configured).
+
+        `data_state`: the iterator state to record instead of `data_iterator.get_state()` (batches read ahead).
+        """
         items = {
             "params": ocp.args.StandardSave(state["params"]),
             "opt_state": ocp.args.StandardSave(state["opt_state"]),
             "meta": ocp.args.JsonSave(meta),
         }
         if data_iterator is not None:
-            items["data"] = _data_args(data_iterator, save=True)
+            if data_state is None:
+                items["data"] = _data_args(data_iterator, save=True)
+            elif _is_grain(data_iterator):
+                items["data"] = _data_args(_frozen_grain_state(data_state), save=True)
+            else:
+                items["data"] = ocp.args.JsonSave(data_state)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state: dict, data_iterator=None) -> tuple[dict, dict]:
@@ -102,12 +177,130 @@ class Checkpointer:
         }
         return state, meta
 
+    def restore_latest(self, abstract_state: dict, data_iterator=None, report=print):
+        """(step, state, meta) of the newest step that restores completely, or None when there is none.
+
+        Newer steps that fail are reported in one line each and moved to `damaged_directory` (never
+        deleted).  A complete step whose arrays do not fit `abstract_state` raises CheckpointMismatch:
+        that is a changed config, and moving a good checkpoint aside would lose it.
+        """
+        for step in self.step_folders():
+            problem = self.missing_items(step, with_data=data_iterator is not None)
+            if problem is None:
+                try:
+                    state, meta = self.restore(step, abstract_state, data_iterator)
+                    return step, state, meta
+                except Exception as e:  # noqa: BLE001 - any failure to read the step is damage, reported below
+                    mismatch = self.shape_mismatch(step, abstract_state["params"])
+                    if mismatch:
+                        raise CheckpointMismatch(f"checkpoint step {step} in {self.directory} does not fit this "
+                                                 f"run's model: {mismatch}; use another --workdir or the model "
+                                                 "config it was trained with") from None
+                    problem = one_line(e)
+            moved = self.move_aside(step)
+            report(f"checkpoint step {step} is damaged ({problem}): moved to {moved}")
+        return None
+
+    def shape_mismatch(self, step: int, abstract_params) -> str | None:
+        """A description of the first parameter whose saved shape differs (None when all fit or unreadable)."""
+        try:
+            saved = self.manager.item_metadata(step)["params"]
+        except Exception:  # noqa: BLE001 - unreadable metadata is damage, not a mismatch
+            return None
+        if saved is None:
+            return None
+        want = {path_key(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract_params)}
+        have = {path_key(p): tuple(getattr(a, "shape", ())) for p, a in jax.tree_util.tree_leaves_with_path(saved)}
+        if set(want) != set(have):
+            diff = sorted(set(want) ^ set(have))
+            return f"parameter {diff[0]!r} is in only one of the checkpoint and the model"
+        for key, shape in want.items():
+            if have[key] != shape:
+                return f"parameter {key!r} has shape {have[key]} in the checkpoint, {shape} in the model"
+        return None
+
+    def move_aside(self, step: int) -> str:
+        """Move a step folder into `damaged_directory` (a numbered suffix if that name is taken)."""
+        os.makedirs(self.damaged_directory, exist_ok=True)
+        target = os.path.join(self.damaged_directory, str(step))
+        n = 1
+        while os.path.lexists(target):
+            target = os.path.join(self.damaged_directory, f"{step}.{n}")
+            n += 1
+        os.rename(os.path.join(self.directory, str(step)), target)
+        self.manager.reload()
+        return target
+
     def wait(self):
         self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the saves in flight, then release Orbax's threads (again: a no-op)."""
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self.manager = None
+
+
+def path_key(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The innermost cause of an exception as one short line: an OSError's errno text and path, if any."""
+    os_error = os_error_in(exc)
+    if os_error is not None:
+        text = os_error.strerror or str(os_error)
+        if os_error.filename:
+            text += f": {os_error.filename}"
+        return text
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    first = first.split(" See full TensorStore details")[0].rstrip(" .")  # a repr of the whole spec follows
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError somewhere in an exception's cause/context chain (Orbax and TensorStore wrap them).
+
+    TensorStore reports OS errors as text (`... "path": ... No space left on device
+    [os_error_code='28']`); those become an OSError with that errno and the last path quoted.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        text = str(exc)
+        code = re.search(r"os_error_code='(\d+)'", text)
+        if code:
+            paths = re.findall(r'"(/[^"]+)"', text)
+            number = int(code.group(1))
+            return OSError(number, os.strerror(number), paths[-1] if paths else None)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def failed_step(exc: BaseException) -> int | None:
+    """The step an Orbax save error is about (its temporary step folder appears in the message)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(exc))
+        if found:
+            return int(found.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class OrbaxErrorLogFilter(logging.Filter):
+    """Drops Orbax's own ERROR log records (each with a page of traceback from its background threads).
+
+    The trainer reports a failed save or restore itself, in one line; `--verbosity` brings them back.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 def restore_params(ckpt_dir: str, step: int | None, abstract_pure, shardings):
@@ -117,11 +310,45 @@ def restore_params(ckpt_dir: str, step: int | None, abstract_pure, shardings):
     return format_restore(ckpt_dir, step, abstract_pure=abstract_pure, shardings=shardings)
 
 
+# ---------------------------------------------------------------- file modes
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask would race with writer threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str) -> None:
+    """chmod `path` (a file, or a folder and everything below) to what a plain open/mkdir gives.
+
+    tempfile.mkstemp/mkdtemp create 0600/0700 whatever the umask; files renamed into place from
+    there would be unreadable to the other users the umask allows.
+    """
+    mask = current_umask()
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, _dirs, files in os.walk(path):
+            os.chmod(root, 0o777 & ~mask)
+            for name in files:
+                full = os.path.join(root, name)
+                if not os.path.islink(full):
+                    os.chmod(full, 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 # ---------------------------------------------------------------- Hugging Face side files
 def _atomic_write(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    honour_umask(tmp)
     os.replace(tmp, path)
 
 
@@ -129,6 +356,7 @@ def _atomic_copy(src: str, dst: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), prefix=".tmp-")
     os.close(fd)
     shutil.copyfile(src, tmp)
+    honour_umask(tmp)
     os.replace(tmp, dst)
 
 
@@ -150,7 +378,15 @@ def write_side_files(ckpt_dir: str, cfg: QwenConfig, *, hf_source: str | None = 
     if hf_source and os.path.exists(os.path.join(hf_source, "config.json")):
         from qwen_jax.checkpoint_format import copy_side_files
 
-        return copy_side_files(hf_source, ckpt_dir)
+        written = copy_side_files(hf_source, ckpt_dir)
+        if tokenizer_dir and os.path.realpath(tokenizer_dir) != os.path.realpath(hf_source):
+            # data.tokenizer overrides the folder's tokenizer: ship the one training used
+            for name in TOKENIZER_FILES:
+                src = os.path.join(tokenizer_dir, name)
+                if os.path.exists(src):
+                    _atomic_copy(src, os.path.join(ckpt_dir, name))
+                    written.append(name)
+        return written
     written = []
     chat_tokenizer = is_qwen_tokenizer(tokenizer_dir or hf_source)
     src_config = os.path.join(hf_source, "config.json") if hf_source else None
@@ -185,31 +421,111 @@ def write_side_files(ckpt_dir: str, cfg: QwenConfig, *, hf_source: str | None = 
     return written
 
 
-# ---------------------------------------------------------------- preemption
-class PreemptionGuard:
-    """Turns SIGTERM (and SIGINT) into a flag the training loop polls after each step.
+# ---------------------------------------------------------------- workdir lock
+class WorkdirBusy(RuntimeError):
+    pass
 
-    The loop then saves a checkpoint of the current step, waits for it, and exits with code 0.
-    A second signal while saving is ignored.
+
+class WorkdirLock:
+    """An exclusive `flock` on `<workdir>/.lock`: one training run per workdir.
+
+    The kernel releases it when the process ends in any way (exit, SIGKILL), so a stale lock file
+    never blocks a relaunch.  The file keeps the holder's pid for the refusal message.
     """
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, ".lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise WorkdirBusy(f"workdir {workdir} is in use by another training run (pid {holder}, lock "
+                                  f"{self.path}); wait for it to end or stop it, or use another --workdir") from None
+            raise
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+# ---------------------------------------------------------------- preemption
+EXIT_ABORTED = 130  # a second Ctrl-C: stopped at once, nothing saved (the shell's code for SIGINT)
+
+
+class PreemptionGuard:
+    """Turns SIGTERM and SIGINT into a flag the training loop polls after each step.
+
+    The loop then saves a checkpoint of the current step, waits for it, and exits.  A second
+    SIGINT (Ctrl-C twice) ends the process at once without saving; a second SIGTERM is ignored.
+
+    The signals are acted on by a watcher thread fed by `signal.set_wakeup_fd`, not by a Python
+    handler in the main thread: the main thread may sit for minutes in one XLA call (a compile, a
+    long step), and a Python-level handler would only run after it returns.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), announce=None):
         self.event = threading.Event()
         self.signum = None
+        self.announce = announce or (lambda text: print(text, file=sys.stderr, flush=True))
+        self._signals = tuple(int(s) for s in signals)
         self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for s in signals:
-                self._previous[s] = signal.signal(s, self._handle)
+        self._previous_fd = None
+        self._reader = self._writer = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        for s in signals:
+            self._previous[s] = signal.signal(s, self._python_handler)
+        self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="signal-watcher", daemon=True).start()
 
-    def _handle(self, signum, frame):
-        del frame
-        self.signum = signum
-        self.event.set()
+    @staticmethod
+    def _python_handler(signum, frame):
+        """Runs later in the main thread; the watcher thread has already acted on the signal."""
+        del signum, frame
+
+    def _watch(self):
+        while True:
+            try:
+                data = self._reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in self._signals:
+                    self._handle(signum)
+
+    def _handle(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if not self.event.is_set():
+            self.signum = signum
+            self.event.set()
+            again = " (Ctrl-C again to stop at once without saving)" if signum == signal.SIGINT else ""
+            self.announce(f"{name} received: saving a checkpoint after the current step, then exiting{again}")
+        elif signum == signal.SIGINT:
+            self.announce("second SIGINT: stopped at once without saving; a relaunch resumes from the last "
+                          "complete checkpoint")
+            sys.stdout.flush()
+            os._exit(EXIT_ABORTED)
 
     @property
     def requested(self) -> bool:
         return self.event.is_set()
 
     def restore(self):
+        if self._writer is None:
+            return
+        signal.set_wakeup_fd(self._previous_fd if self._previous_fd is not None else -1)
         for s, h in self._previous.items():
             signal.signal(s, h)
+        self._writer.close()  # the watcher's recv returns b"": it ends
+        self._writer = None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import jax
 
@@ -67,14 +68,78 @@ def peak_flops_per_device(override: float = 0.0, device=None) -> float | None:
     return None
 
 
+class EventWriter:
+    """TensorBoard scalars written synchronously with tensorboardX's record writer.
+
+    SummaryWriter queues events to a background process and its `flush()` does not drain that
+    queue, so a SIGKILL loses up to `flush_secs` of steps; here `flush()` means on disk.  The first
+    event is TensorBoard's purge marker: a `SessionLog.START` at `purge_step` makes TensorBoard
+    drop the events of earlier files from that step on (the steps a resume replays).
+    """
+
+    def __init__(self, logdir: str, purge_step: int):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        os.makedirs(logdir, exist_ok=True)
+        self._event = Event
+        self._writer = EventsWriter(os.path.join(logdir, "events"), filename_suffix=f".{os.getpid()}")
+        self._writer.write_event(Event(wall_time=time.time(), step=purge_step,
+                                       session_log=SessionLog(status=SessionLog.START)))
+
+    def scalars(self, step: int, values: dict) -> None:
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+        self._writer.write_event(self._event(wall_time=time.time(), step=step, summary=summary))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def truncate_jsonl(path: str, last_step: int) -> int:
+    """Keep only the records of steps <= last_step (and drop a torn last line); atomic. Returns lines dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    keep, dropped = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            step = None
+        if step is not None and step <= last_step:
+            keep.append(line + b"\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricsLogger:
     """Progress line on stdout, one JSON line per step in `metrics.jsonl`, TensorBoard scalars under `train/`.
 
     Only process 0 writes.  Floats in metrics.jsonl are Python's exact repr of the float32 values.
+    `resume_step`: the step the run starts from (0 for a fresh run).  Records after it (logged by an
+    interrupted run past its last checkpoint) are cut from metrics.jsonl and purged from TensorBoard,
+    so each step appears exactly once in both.  `flush()` (called at every checkpoint) makes
+    everything logged so far durable.
     """
 
     def __init__(self, workdir: str, *, peak_flops: float | None, num_devices: int, log_every: int = 1,
-                 enabled: bool = True):
+                 enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.peak_total = peak_flops * num_devices if peak_flops else None
         self.log_every = max(1, int(log_every))
@@ -82,10 +147,10 @@ class MetricsLogger:
         self.jsonl = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+            path = os.path.join(workdir, "metrics.jsonl")
+            truncate_jsonl(path, resume_step)
+            self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            self.writer = EventWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
     def log(self, step: int, metrics: dict, *, step_time: float, tokens: int, total_steps: int,
             flops_per_token: float) -> dict:
@@ -97,9 +162,7 @@ class MetricsLogger:
             return out
         self.jsonl.write(json.dumps({"step": step, **out}) + "\n")
         self.jsonl.flush()
-        for key, value in out.items():
-            if value is not None:
-                self.writer.add_scalar(f"train/{key}", value, step)
+        self.writer.scalars(step, {f"train/{key}": value for key, value in out.items() if value is not None})
         if step % self.log_every == 0 or step == total_steps:
             mfu = f"{100 * out['mfu']:.1f}%" if out["mfu"] is not None else "n/a"
             print(f"step {step}/{total_steps} | loss {out['loss']:.4f} | grad_norm {out['grad_norm']:.3f} | "
@@ -108,13 +171,17 @@ class MetricsLogger:
         return out
 
     def flush(self):
-        if self.writer is not None:
+        if self.enabled:
+            self.jsonl.flush()
+            os.fsync(self.jsonl.fileno())
             self.writer.flush()
 
     def close(self):
-        if self.enabled:
+        if self.enabled and self.jsonl is not None:
+            self.flush()
             self.writer.close()
             self.jsonl.close()
+            self.jsonl = None
 
 
 def say(*args) -> None:

@@ -217,6 +217,8 @@ def check_run_settings(config) -> None:
                 math.isfinite(value) and low <= value <= high):
             interval = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
             raise RunConfigError(f"config key 'optimizer.{key}' must be a finite number {interval}, got {value!r}")
+    if config.get("nonfinite", "stop") not in ("stop", "skip"):
+        raise RunConfigError(f"config key 'nonfinite' must be stop | skip, got {config.nonfinite!r}")
     z = config.loss.z_loss
     if isinstance(z, bool) or not isinstance(z, int | float) or not (math.isfinite(z) and z >= 0):
         raise RunConfigError(f"config key 'loss.z_loss' must be a finite number >= 0, got {z!r}")

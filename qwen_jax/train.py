@@ -43,7 +43,9 @@ flags.DEFINE_enum("distributed", "env", ["env", "auto", "off"],
                   "env: initialize from flags / JAX_* environment variables when given; "
                   "auto: jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM); off: never.")
 
-EXIT_PREEMPTED = 0  # exit code after a SIGTERM-triggered checkpoint (documented in docs/training.md)
+EXIT_PREEMPTED = 0  # exit code after a SIGTERM/SIGINT-triggered checkpoint (documented in docs/training.md)
+EXIT_FAILED = 1  # the run stopped: non-finite step, failed save, device out of memory
+EXIT_USAGE = 2  # bad input, or the workdir is in use by another run
 
 
 # ---------------------------------------------------------------- command line
@@ -99,6 +101,7 @@ def run(config, workdir: str) -> int:
     from qwen_jax import sharding as sh
     from qwen_jax.trainer import optimizer as opt_lib
     from qwen_jax.trainer import train_step as ts
+    from qwen_jax.trainer.prefetch import DevicePrefetcher
     from qwen_jax.trainer.synthetic import SyntheticBatches
 
     say = metrics_lib.say
@@ -139,100 +142,249 @@ def run(config, workdir: str) -> int:
     state_sh = ts.state_shardings(tx, abstract_params, p_sh, mesh)
     abstract = ts.abstract_state(tx, abstract_params, state_sh)
     batch_sh = ts.batch_shardings(mesh, gbs, seq_len)
-
-    # ---- data
-    if config.synthetic_data:
-        data_iter = SyntheticBatches(gbs, seq_len, cfg.vocab_size, seed=int(config.data.get("seed", 0)),
-                                     process_index=pidx, process_count=pcount, stages=spec.stages)
-    else:
-        from qwen_jax.data import make_pipeline
-
-        if source == "hf" and not config.data.get("model_dir", "x"):
-            config.data.model_dir = config.model.init_from  # stop ids from the model's generation_config.json
-        data_iter = make_pipeline(config.data, process_index=pidx, process_count=pcount).iterator()
-
-    # ---- state: resume, or init
-    os.makedirs(workdir, exist_ok=True)
-    ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
-    ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=int(config.keep_checkpoints),
-                                 async_save=bool(config.async_checkpointing))
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(latest, abstract, data_iter)
-        say(f"resumed from {ckpt_dir} step {latest}")
-    else:
-        base_abstract, base_sh = lora_lib.base_only(abstract_params), lora_lib.base_only(p_sh)
-        if source == "preset":
-            params = ts.init_params(cfg, int(config.seed), base_sh)
-        elif source == "hf":
-            from qwen_jax.hf_io import from_pretrained
-
-            model = from_pretrained(config.model.init_from, mesh=mesh, **overrides)
-            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-            del model
-        else:
-            step = None if config.model.init_step < 0 else int(config.model.init_step)
-            params = ckpt_lib.restore_params(config.model.init_from, step, base_abstract, base_sh)
-        params = lora_lib.add_adapters(params, cfg, lora, abstract_params, p_sh, int(config.seed))
-        state = ts.init_state(params, tx, int(config.seed), state_sh)
-        del params
-        say(f"initialised from {source}; checkpoints in {ckpt_dir}")
-    if pidx == 0:
-        tok_dir = None if config.synthetic_data else _tokenizer_dir(config.data)
-        ckpt_lib.write_side_files(ckpt_dir, cfg, hf_source=config.model.init_from if source != "preset" else None,
-                                  tokenizer_dir=tok_dir)
-
-    train_step = ts.make_train_step(graphdef, tx, schedule, freeze, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
-                                    chunk_size=int(config.loss.chunk_size), z_loss=float(config.loss.z_loss),
-                                    grad_accum_steps=accum, zigzag=ring > 1,
-                                    dropout_keys=lora_lib.dropout_key_fn(cfg, lora),
-                                    router_z_loss_weight=float(config.loss.router_z_loss))
-    logger = metrics_lib.MetricsLogger(
-        workdir, peak_flops=metrics_lib.peak_flops_per_device(float(config.peak_flops_per_device)),
-        num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0)
-    config_json = json.loads(config.to_json_best_effort())
-
-    def save(step, force=False):
-        meta = {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(), "config": config_json}
-        return ckpt.save(step, state, meta, data_iter, force=force)
-
-    guard = ckpt_lib.PreemptionGuard()
-    step = int(jax.device_get(state["step"]))
+    keep = int(config.keep_checkpoints)  # >= 1 and a known `nonfinite` mode: checked by run_config.validate
+    nonfinite = str(config.nonfinite)
     total = int(config.total_steps)
-    t_last = time.perf_counter()
-    exit_code = 0
-    while step < total:
-        local = ts.permute_batch_for_ring(next(data_iter), ring)
-        batch = {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k]))
-                 for k in ts.BATCH_KEYS}
-        state, metrics = train_step(state, batch)
-        step += 1
-        metrics = jax.device_get(metrics)
-        now = time.perf_counter()
-        rows, length = batch["input_ids"].shape  # the data schedule may change them
-        logger.log(step, metrics, step_time=now - t_last, tokens=rows * length, total_steps=total,
-                   flops_per_token=metrics_lib.flops_per_token(cfg, length))
-        t_last = now
-        if step % int(config.save_every) == 0 or step == total:
-            save(step)
-        if _preempted(guard, ckpt, step):
-            if ckpt.latest_step() != step:
-                save(step, force=True)
-            ckpt.wait()
-            say(f"preempted (signal {guard.signum}): saved step {step}, exiting")
-            exit_code = EXIT_PREEMPTED
-            break
-    ckpt.close()
-    logger.close()
-    if step >= total:
-        say(f"done: {total} steps; checkpoints in {ckpt_dir}")
-        if config.export_hf and lora is not None and pidx == 0:
-            for folder in lora_lib.export(ckpt_dir, total, lora, adapter_dir=os.path.join(workdir, "hf_adapter"),
-                                          merged_dir=config.export_hf_dir or os.path.join(workdir, "hf_export")):
-                say(f"exported {folder}")
-        elif config.export_hf and lora is None:
-            export_hf(ckpt_dir, config.export_hf_dir or os.path.join(workdir, "hf_export"), total)
-    return exit_code
+    export_dir = os.path.abspath(config.export_hf_dir or os.path.join(workdir, "hf_export"))
+
+    # ---- the workdir: one run at a time (process 0 holds the lock for all)
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        lock = ckpt_lib.WorkdirLock(workdir) if pidx == 0 else None
+    except ckpt_lib.WorkdirBusy as e:
+        raise RunError(str(e), EXIT_USAGE) from None
+    guard = ckpt_lib.PreemptionGuard(announce=say)
+    ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=keep, async_save=bool(config.async_checkpointing))
+    logger = prefetcher = None
+    try:
+        newest = next(iter(ckpt.step_folders()), None)
+        if newest is not None and newest >= total and ckpt.missing_items(newest, with_data=True) is None:
+            say(f"run complete: checkpoint step {newest} >= total_steps {total} in {ckpt_dir}; nothing to train "
+                "(raise --config.total_steps to train further)")
+            ckpt.close()
+            if config.export_hf:
+                export_run(ckpt_dir, workdir, export_dir, newest, lora)
+            return 0
+
+        # ---- data
+        if config.synthetic_data:
+            data_iter = SyntheticBatches(gbs, seq_len, cfg.vocab_size, seed=int(config.data.get("seed", 0)),
+                                         process_index=pidx, process_count=pcount, stages=spec.stages)
+        else:
+            from qwen_jax.data import make_pipeline
+
+            if source == "hf" and not config.data.get("model_dir", "x"):
+                config.data.model_dir = config.model.init_from  # stop ids from the model's generation_config.json
+            pipeline = make_pipeline(config.data, process_index=pidx, process_count=pcount)
+            say(pipeline.chat_setup.describe())
+            data_iter = pipeline.iterator()
+
+        # ---- state: resume from the newest intact checkpoint, or init
+        try:
+            restored = ckpt.restore_latest(abstract, data_iter, report=say)
+        except ckpt_lib.CheckpointMismatch as e:
+            raise RunError(str(e), EXIT_USAGE) from None
+        skipped = 0
+        saved = []  # checkpoint steps: the one resumed from, then those whose save has started
+        if restored is not None:
+            latest, state, meta = restored
+            saved.append(latest)
+            skipped = int(meta.get("nonfinite_skipped", 0))
+            say(f"resumed from {ckpt_dir} step {latest}")
+        else:
+            base_abstract, base_sh = lora_lib.base_only(abstract_params), lora_lib.base_only(p_sh)
+            if source == "preset":
+                params = ts.init_params(cfg, int(config.seed), base_sh)
+            elif source == "hf":
+                from qwen_jax.hf_io import from_pretrained
+
+                model = from_pretrained(config.model.init_from, mesh=mesh, **overrides)
+                params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+                del model
+            else:
+                step = None if config.model.init_step < 0 else int(config.model.init_step)
+                params = ckpt_lib.restore_params(config.model.init_from, step, base_abstract, base_sh)
+            params = lora_lib.add_adapters(params, cfg, lora, abstract_params, p_sh, int(config.seed))
+            state = ts.init_state(params, tx, int(config.seed), state_sh)
+            del params
+            say(f"initialised from {source}; checkpoints in {ckpt_dir}")
+        if pidx == 0:
+            tok_dir = None if config.synthetic_data else _tokenizer_dir(config.data)
+            hf_source = config.model.init_from if source != "preset" else None
+            _on_save_errors(lambda: ckpt_lib.write_side_files(ckpt_dir, cfg, hf_source=hf_source,
+                                                              tokenizer_dir=tok_dir),
+                            0, ckpt_dir, what="writing the Hugging Face side files beside the checkpoints")
+            if not config.synthetic_data:  # the template training renders with is the one the export ships
+                _on_save_errors(lambda: pipeline.chat_setup.write_chat_template(ckpt_dir), 0, ckpt_dir,
+                                what="writing the chat template beside the checkpoints")
+
+        train_step = ts.make_train_step(graphdef, tx, schedule, freeze, mesh=mesh, state_sh=state_sh,
+                                        batch_sh=batch_sh, chunk_size=int(config.loss.chunk_size),
+                                        z_loss=float(config.loss.z_loss), grad_accum_steps=accum, zigzag=ring > 1,
+                                        nonfinite=nonfinite, dropout_keys=lora_lib.dropout_key_fn(cfg, lora),
+                                        router_z_loss_weight=float(config.loss.router_z_loss))
+        step = int(jax.device_get(state["step"]))
+        logger = metrics_lib.MetricsLogger(
+            workdir, peak_flops=metrics_lib.peak_flops_per_device(float(config.peak_flops_per_device)),
+            num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0, resume_step=step)
+        config_json = json.loads(config.to_json_best_effort())
+
+        def to_global(local):
+            local = ts.permute_batch_for_ring(local, ring)
+            return {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k]))
+                    for k in ts.BATCH_KEYS}
+
+        prefetcher = DevicePrefetcher(data_iter, to_global)
+        pending = []  # the last dispatched step: (step, metrics on device, tokens, row length)
+        t_last = time.perf_counter()
+
+        def drain():
+            """Fetch and log the pending step's metrics (waits for that step); stop on a non-finite step."""
+            nonlocal t_last, skipped
+            if not pending:
+                return
+            done, metrics, tokens, length = pending.pop()
+            metrics = on_device_errors(lambda: jax.device_get(metrics), done)
+            now = time.perf_counter()
+            finite = bool(metrics.pop("finite"))
+            if not finite and nonfinite == "skip":
+                skipped += 1
+                say(f"step {done}: {_nonfinite_values(metrics)}: update skipped ({skipped} so far)")
+            if nonfinite == "skip":
+                metrics["nonfinite_skipped"] = skipped
+            logger.log(done, metrics, step_time=now - t_last, tokens=tokens, total_steps=total,
+                       flops_per_token=metrics_lib.flops_per_token(cfg, length))
+            t_last = now
+            if not finite and nonfinite == "stop":
+                last = max(saved, default=None)
+                kept = f"the last checkpoint (step {last}) is kept" if last else "no checkpoint was written"
+                raise RunError(f"{_nonfinite_values(metrics)} at step {done}: stopped before saving it; {kept}, "
+                               "nothing is exported (nonfinite='skip' skips such steps instead)", EXIT_FAILED)
+
+        def save(step, data_state, force=False):
+            drain()  # a state is saved only once its own metrics were checked
+            logger.flush()
+            meta = {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(), "config": config_json,
+                    "nonfinite_skipped": skipped}
+            saved.append(step)
+            _on_save_errors(lambda: ckpt.save(step, state, meta, data_iter, force=force, data_state=data_state),
+                            step, ckpt_dir)
+
+        if step < total and guard.requested:
+            say(f"preempted (signal {guard.signum}) before the first step; nothing new to save, exiting")
+            return EXIT_PREEMPTED
+        exit_code = 0
+        data_state = None
+        while step < total:
+            batch, data_state = next(prefetcher)
+            rows, length = batch["input_ids"].shape  # the data schedule may change them
+            state, metrics = on_device_errors(lambda: train_step(state, batch), step + 1)  # noqa: B023
+            step += 1
+            drain()  # the previous step's metrics: the device already has this step queued
+            pending.append((step, metrics, rows * length, length))
+            if step % int(config.save_every) == 0 or step == total:
+                save(step, data_state)
+            if _preempted(guard, ckpt, step):
+                if not saved or saved[-1] != step:
+                    save(step, data_state, force=True)
+                _on_save_errors(ckpt.wait, step, ckpt_dir)
+                say(f"preempted (signal {guard.signum}): saved step {step}, exiting")
+                exit_code = EXIT_PREEMPTED
+                break
+        drain()
+        _on_save_errors(ckpt.close, max(saved, default=step), ckpt_dir)
+        logger.close()
+        if step >= total:
+            say(f"done: {total} steps; checkpoints in {ckpt_dir}")
+            if config.export_hf:
+                export_run(ckpt_dir, workdir, export_dir, step, lora)
+        return exit_code
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
+        if logger is not None:
+            logger.close()
+        error = sys.exc_info()[1]
+        if not (isinstance(error, RunError) and error.hard_exit):  # a stopped run still finishes earlier saves
+            try:
+                ckpt.close()
+            except Exception as e:  # noqa: BLE001 - the error already on its way out is the one to report
+                if error is None:
+                    raise RunError(f"checkpoint save failed: {ckpt_lib.one_line(e)} (checkpoint folder "
+                                   f"{ckpt_dir})", EXIT_FAILED, hard_exit=True) from None
+        guard.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _nonfinite_values(metrics: dict) -> str:
+    """'non-finite learning_rate nan' etc.: the metrics the step's finite flag is made of."""
+    import math
+
+    bad = [f"{k} {float(metrics[k])}" for k in ("loss", "z_loss", "grad_norm", "learning_rate")
+           if k in metrics and not math.isfinite(float(metrics[k]))]
+    return "non-finite " + (", ".join(bad) or "values")
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on, said in one line (`error: ...`); `code` is the exit status."""
+
+    def __init__(self, message: str, code: int, hard_exit: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.hard_exit = hard_exit  # background threads (a failed Orbax save) are broken: skip their teardown
+
+
+def _on_save_errors(fn, step: int, ckpt_dir: str, what: str = ""):
+    """Run a checkpoint call; a failed save becomes one RunError naming the cause and the path.
+
+    An asynchronous save fails in the background and surfaces at the next checkpoint call, so the
+    step is read from the error when it names one.
+    """
+    from qwen_jax.checkpoint import failed_step, one_line
+
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - Orbax wraps OS errors in many types
+        what = what or f"checkpoint save of step {failed_step(e) or step}"
+        raise RunError(f"{what} failed: {one_line(e)} (checkpoint folder {ckpt_dir}); the run stopped, earlier "
+                       "complete checkpoints are kept", EXIT_FAILED, hard_exit=True) from None
+
+
+def on_device_errors(fn, step: int):
+    """Run a device call; device out-of-memory becomes one RunError with the need and the knobs."""
+    import jax
+
+    try:
+        return fn()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        device = jax.local_devices()[0]
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:  # noqa: BLE001 - not every backend has memory stats
+            stats = {}
+        raise RunError(oom_message(str(e), step, device.device_kind, stats.get("bytes_limit")), EXIT_FAILED) from None
+
+
+def oom_message(text: str, step: int, device_kind: str, device_bytes: int | None) -> str:
+    """One line for a device out-of-memory error: what was asked for, what the device has, what lowers it."""
+    import re
+
+    gib = 1 << 30
+    need = re.search(r"(?:allocate|allocating)\s+([0-9.]+)\s*([KMGT]?i?B|bytes)?", text)
+    need_text = "more than is free"
+    if need:
+        value, unit = float(need.group(1)), (need.group(2) or "bytes").upper()
+        scale = {"BYTES": 1, "B": 1, "KB": 1e3, "KIB": 1 << 10, "MB": 1e6, "MIB": 1 << 20, "GB": 1e9, "GIB": gib,
+                 "TB": 1e12, "TIB": 1 << 40}.get(unit, 1)
+        need_text = f"{value * scale / gib:.1f} GiB"
+    has = f"{device_bytes / gib:.1f} GiB" if device_bytes else "an unknown amount"
+    return (f"out of device memory at step {step}: an allocation of {need_text} on {device_kind} with {has} usable; "
+            "lower it with model.remat=full (or dots), model.attention=auto/cudnn/blockwise, a smaller "
+            "data.global_batch_size or more grad_accum_steps, a smaller loss.chunk_size")
 
 
 def _tokenizer_dir(data_cfg) -> str | None:
@@ -241,7 +393,7 @@ def _tokenizer_dir(data_cfg) -> str | None:
         from qwen_jax.data.tokenization import tokenizer_dir
     except ImportError:
         return None
-    folder = tokenizer_dir(data_cfg.get("tokenizer", ""))
+    folder = tokenizer_dir(data_cfg.get("tokenizer", ""), data_cfg.get("model_dir", ""))
     return folder if folder and os.path.isdir(folder) else None
 
 
@@ -257,19 +409,86 @@ def _preempted(guard, ckpt, step: int) -> bool:
     return flag
 
 
-def export_hf(ckpt_dir: str, out_dir: str, step: int) -> None:
+EXPORT_RECORD = "qwen_jax_export.json"  # in the export folder: the checkpoint step it was written from
+
+
+def exported_step(out_dir: str) -> int | None:
+    """The checkpoint step an existing export was written from (None: no export, or one we did not write)."""
+    try:
+        with open(os.path.join(out_dir, EXPORT_RECORD), encoding="utf-8") as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def export_run(ckpt_dir: str, workdir: str, export_dir: str, step: int, lora) -> None:
+    """The end-of-run exports: the Hugging Face folder, or with LoRA what `lora.export` asks for (a merged
+    folder at `export_dir`, a PEFT adapter at `<workdir>/hf_adapter`); each replaced atomically."""
+    if lora is None:
+        export_hf(ckpt_dir, export_dir, step)
+        return
+    from qwen_jax import lora as lora_lib
+
+    if lora.export in ("adapter", "both"):
+        export_hf(ckpt_dir, os.path.join(workdir, "hf_adapter"), step, what="PEFT adapter",
+                  build=lambda out: lora_lib.export_adapter(ckpt_dir, step, lora, out))
+    if lora.export in ("merged", "both"):
+        export_hf(ckpt_dir, export_dir, step, what="merged Hugging Face folder",
+                  build=lambda out: lora_lib.export_merged(ckpt_dir, step, lora, out))
+
+
+def export_hf(ckpt_dir: str, out_dir: str, step: int, *, what: str = "Hugging Face folder", build=None) -> None:
+    """Export checkpoint `step` as a Hugging Face folder at `out_dir`, replacing an older export atomically.
+
+    Nothing is written when `out_dir` already holds this step.  The new folder is built beside
+    `out_dir` (by `build(folder)`; default the conversion core's `orbax_to_hf`) and swapped in by two
+    renames; a failure leaves the previous export untouched.
+    """
+    import shutil
+
     import jax
 
+    from qwen_jax.checkpoint import honour_umask
     from qwen_jax.metrics import say
 
     try:
-        from tools.convert import orbax_to_hf
+        from tools.convert import ConvertError, orbax_to_hf
     except ImportError:
-        say("HF export skipped: tools/convert.py (issue 4) is not available yet")
+        say("HF export skipped: tools/convert.py is not available")
         return
-    if jax.process_index() == 0:
-        orbax_to_hf(ckpt_dir, out_dir, step=step)
-        say(f"exported Hugging Face folder: {out_dir}")
+    if jax.process_index() != 0:
+        return
+    if exported_step(out_dir) == step:
+        say(f"{what} {out_dir} is up to date (step {step})")
+        return
+    staging, retired = f"{out_dir}.new", f"{out_dir}.old"  # the workdir lock keeps them to one run
+    if os.path.lexists(retired) and not os.path.lexists(out_dir):  # a run killed between the two renames
+        os.rename(retired, out_dir)
+    for leftover in (staging, retired):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        if build is None:
+            orbax_to_hf(ckpt_dir, staging, step=step)
+        else:
+            build(staging)
+        with open(os.path.join(staging, EXPORT_RECORD), "w", encoding="utf-8") as f:
+            json.dump({"step": step, "checkpoints": ckpt_dir}, f)
+            f.write("\n")
+        honour_umask(staging)
+        if os.path.lexists(out_dir):
+            os.rename(out_dir, retired)
+        os.rename(staging, out_dir)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if os.path.lexists(retired) and not os.path.lexists(out_dir):
+            os.rename(retired, out_dir)
+        if isinstance(e, (ConvertError, OSError, ValueError)):
+            kept = "the previous export is unchanged" if os.path.lexists(out_dir) else "no export was written"
+            raise RunError(f"export of the {what} of step {step} to {out_dir} failed ({kept}): {e}",
+                           EXIT_FAILED) from None
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+    say(f"exported {what}: {out_dir} (step {step})")
 
 
 def main(argv):
@@ -279,6 +498,10 @@ def main(argv):
         from absl import logging
 
         logging.set_verbosity(logging.WARNING)
+        from qwen_jax.checkpoint import OrbaxErrorLogFilter
+
+        logging.get_absl_logger().addFilter(OrbaxErrorLogFilter())
+        sys.unraisablehook = _quiet_after_failed_save(sys.unraisablehook)
     init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     sys.exit(launch(_CONFIG.value, FLAGS.workdir))
 
@@ -289,6 +512,12 @@ def launch(config, workdir: str | None) -> int:
         return run(config, workdir)
     except user_errors() as e:
         fail(e)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if e.hard_exit:  # background threads (a failed Orbax save) are broken: skip their teardown
+            sys.stdout.flush()
+            os._exit(e.code)
+        return e.code
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -300,6 +529,22 @@ def user_errors() -> tuple[type[Exception], ...]:
     from qwen_jax.trainer.optimizer import FreezeError
 
     return run_config.RunConfigError, ConfigError, DataError, BadRecordError, CheckpointError, FreezeError, LoraError
+
+
+def _quiet_after_failed_save(previous):
+    """An unraisable hook that drops TensorStore's late callbacks into Orbax's closed event loops.
+
+    After a failed save (a full disk) every outstanding write's completion callback raises
+    "Event loop is closed", which TensorStore hands to sys.unraisablehook (a traceback each);
+    the failure itself is reported in one line by the loop.
+    """
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    return hook
 
 
 def cli():

@@ -33,6 +33,7 @@ from qwen_jax.trainer.optimizer import ALL, FreezeSpec, apply_freeze, path_str
 
 BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
 ROUTER_METRICS = ("router_aux_loss", "router_z_loss")  # mixture-of-experts models only
+NONFINITE_MODES = ("stop", "skip")  # what a step with a non-finite loss / gradient norm / learning rate does
 
 
 def param_shardings(cfg: QwenConfig, mesh: Mesh, lora: lora_lib.LoraSpec | None = None):
@@ -118,7 +119,8 @@ def permute_batch_for_ring(batch: dict, ring: int) -> dict:
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, freeze: FreezeSpec, *,
                     mesh: Mesh, state_sh: dict, batch_sh: dict, chunk_size: int = 1024, z_loss: float = 0.0,
                     grad_accum_steps: int = 1, zigzag: bool = False,
-                    dropout_keys: Callable | None = None, router_z_loss_weight: float = 0.0) -> Callable:
+                    dropout_keys: Callable | None = None, router_z_loss_weight: float = 0.0,
+                    nonfinite: str = "stop") -> Callable:
     """`step(state, batch) -> (state, metrics)`, jitted, state donated.
 
     `zigzag`: batches arrive in ring attention's zig-zag order (see `permute_batch_for_ring`).
@@ -128,7 +130,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     Mixture-of-experts models add `router_aux_loss_coef` (config) x the load-balancing loss and
     `router_z_loss_weight` x the router z-loss, each computed per microbatch over its tokens
     (segment id > 0) and averaged over the microbatches; both are logged.
+    `nonfinite`: metrics always carry `finite` (1.0 when loss, gradient norm and learning rate are
+    finite).  "stop" applies every update (the launcher stops before saving a non-finite state);
+    "skip" keeps the trainable params and optimizer state unchanged on a non-finite step, decided on
+    the device so the host never waits for it.
     """
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
     accum = int(grad_accum_steps)
     frozen_whole = {p for p, n in freeze.frozen.items() if n == ALL}
     trainable_path = lambda p: p not in frozen_whole  # noqa: E731
@@ -183,10 +191,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_trainable = optax.apply_updates(trainable, lora_lib.partition(updates, trainable_path)[0])
         new_trainable = jax.tree.map(lambda n, p: n.astype(p.dtype), new_trainable, trainable)
+        lr = schedule(state["step"])
+        finite = jnp.isfinite(nll) & jnp.isfinite(z) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
+        if nonfinite == "skip":
+            new_trainable, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                                    (new_trainable, opt_state), (trainable, state["opt_state"]))
         new_params = lora_lib.combine(new_trainable, frozen)
         new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
-        metrics = {"loss": nll / denom, "z_loss": z / denom, "grad_norm": grad_norm,
-                   "learning_rate": schedule(state["step"]), "loss_tokens": denom, **router}
+        metrics = {"loss": nll / denom, "z_loss": z / denom, "grad_norm": grad_norm, "learning_rate": lr,
+                   "loss_tokens": denom, "finite": finite.astype(jnp.float32), **router}
         return new_state, metrics
 
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
