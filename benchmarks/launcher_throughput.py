@@ -66,14 +66,14 @@ def read_metrics(path: str, warmup: int) -> dict:
     with open(path, encoding="utf-8") as f:
         for line in f:
             rows.append(json.loads(line))
-    timed = [r for r in rows if r["step"] > warmup]
+    timed = [r for r in rows if r["step"] > warmup and "step_time" in r]  # not eval lines
     if not timed:
         raise ValueError(f"{path}: no step after the {warmup} warm-up steps")
     seconds = sum(r["step_time"] for r in timed)
     tokens = sum(r["tokens_per_sec"] * r["step_time"] for r in timed)
     out = {"steps_timed": len(timed), "tokens_per_s": tokens / seconds, "step_s": seconds / len(timed),
            "loss": timed[-1]["loss"]}
-    for key in ("device_peak_gib", "host_rss_gib"):
+    for key in ("device_peak_gib", "host_peak_rss_gib"):
         values = [r[key] for r in rows if r.get(key) is not None]
         if values:
             out[key] = max(values)
@@ -99,7 +99,7 @@ def run_trainer(preset, seq, batch, data, steps, warmup, timeout, spread_path, e
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if rss > rss_before:  # ru_maxrss of children is the max over all waited-for children: only a new max is ours
+    if "host_peak_rss_gib" not in out and rss > rss_before:  # children's max: only a new max is this run's
         out["host_peak_rss_gib"] = rss / 2**20
     out["command"] = " ".join(cmd[1:])
     return out

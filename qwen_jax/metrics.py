@@ -160,6 +160,8 @@ class MetricsLogger:
         out["mfu"] = (flops_per_token * out["tokens_per_sec"] / self.peak_total) if self.peak_total else None
         if not self.enabled:
             return out
+        if step % self.log_every == 0 or step == total_steps:
+            out.update(memory_peaks())
         self.jsonl.write(json.dumps({"step": step, **out}) + "\n")
         self.jsonl.flush()
         self.writer.scalars(step, {f"train/{key}": value for key, value in out.items() if value is not None})
@@ -169,6 +171,17 @@ class MetricsLogger:
                   f"lr {out['learning_rate']:.2e} | {out['tokens_per_sec']:,.0f} tok/s | mfu {mfu} | "
                   f"{1000 * step_time:.0f} ms/step", flush=True)
         return out
+
+    def log_scalars(self, step: int, scalars: dict, *, label: str = "") -> None:
+        """Scalars beside the training metrics (e.g. `eval/loss`): a metrics.jsonl line, TensorBoard, one line."""
+        if not self.enabled:
+            return
+        values = {k: float(v) for k, v in scalars.items()}
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        self.writer.scalars(step, values)
+        text = " | ".join(f"{k} {v:.4f}" for k, v in values.items())
+        print(f"step {step}{' ' + label if label else ''} | {text}", flush=True)
 
     def flush(self):
         if self.enabled:
@@ -182,6 +195,22 @@ class MetricsLogger:
             self.writer.close()
             self.jsonl.close()
             self.jsonl = None
+
+
+def memory_peaks() -> dict:
+    """Peak device memory of this process's devices (GiB, where the backend reports it) and the process's
+    peak host RSS (GiB): logged at log steps so every run records what it needed."""
+    import resource
+
+    out = {"host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    try:
+        peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    except Exception:  # noqa: BLE001 - not every backend reports memory statistics
+        peaks = []
+    peaks = [p for p in peaks if p is not None]
+    if peaks:
+        out["device_peak_gib"] = max(peaks) / 2**30
+    return out
 
 
 def say(*args) -> None:

@@ -229,6 +229,10 @@ def run(config, workdir: str) -> int:
             workdir, peak_flops=metrics_lib.peak_flops_per_device(float(config.peak_flops_per_device)),
             num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0, resume_step=step)
         config_json = json.loads(config.to_json_best_effort())
+        from qwen_jax.evaluate import make_evaluator
+
+        evaluator = make_evaluator(config, graphdef, mesh=mesh, process_index=pidx, process_count=pcount)
+        eval_every = int(config.eval.every)
 
         def to_global(local):
             local = ts.permute_batch_for_ring(local, ring)
@@ -283,6 +287,10 @@ def run(config, workdir: str) -> int:
             step += 1
             drain()  # the previous step's metrics: the device already has this step queued
             pending.append((step, metrics, rows * length, length))
+            if evaluator is not None and (step % eval_every == 0 or step == total):
+                drain()  # this step's own metrics first: a diverged state is not evaluated
+                ev = on_device_errors(lambda: evaluator(state["params"]), step)  # noqa: B023 (called at once)
+                logger.log_scalars(step, {"eval/loss": ev["loss"], "eval/perplexity": ev["perplexity"]}, label="eval")
             if step % int(config.save_every) == 0 or step == total:
                 save(step, data_state)
             if _preempted(guard, ckpt, step):

@@ -85,3 +85,39 @@ def test_eval_config_keys():
     assert data.sources == [{"path": "held_out.jsonl", "kind": "text"}] and data.shuffle is False
     assert c.data.sources != data.sources  # the training block is untouched
     assert isinstance(data, ml_collections.ConfigDict)
+
+
+@pytest.mark.slow
+def test_trainer_logs_eval_loss_equal_to_the_exported_model(tmp_path):
+    """`config.eval` in a real run: eval/loss and eval/perplexity at every `eval.every` steps and the last, in
+    metrics.jsonl and TensorBoard; the last value equals the Evaluator applied to the exported folder."""
+    import json
+
+    import train_launch as tl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from configs.demo import get_config
+    from qwen_jax.evaluate import make_evaluator
+
+    workdir = tmp_path / "run"
+    sources = json.dumps([{"path": "bundled:chat.jsonl", "kind": "chat", "weight": 1.0}])
+    result = tl.run(workdir, "--config=configs/demo.py", "--config.total_steps=5", "--config.save_every=5",
+                    f"--config.eval.sources={sources}", "--config.eval.every=2", "--config.eval.batches=2",
+                    devices=1, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    evals = [r for r in tl.all_records(workdir) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 5]
+    for r in evals:
+        np.testing.assert_allclose(r["eval/perplexity"], np.exp(r["eval/loss"]), rtol=1e-6)
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]  # the model learns the held-out chats too
+    acc = EventAccumulator(str(workdir / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/loss")] == [2, 4, 5]
+
+    config = get_config()
+    config.eval.sources = json.loads(sources)
+    config.eval.every, config.eval.batches = 2, 2
+    model = qwen_jax.from_pretrained(str(workdir / "hf_export"), dtype="float32")
+    graphdef, state = nnx.split(model)
+    ours = make_evaluator(config, graphdef)(nnx.to_pure_dict(state))
+    np.testing.assert_allclose(ours["loss"], evals[-1]["eval/loss"], rtol=2e-5)

@@ -64,7 +64,8 @@ def losses(workdir) -> dict[int, float]:
         for line in f:
             if line.strip():
                 rec = json.loads(line)
-                out[rec["step"]] = rec["loss"]
+                if "loss" in rec:  # not an eval/... line
+                    out[rec["step"]] = rec["loss"]
     return out
 
 
