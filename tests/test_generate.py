@@ -198,7 +198,8 @@ def test_sharded_generation_equals_single_device(folders):
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     model = qwen_jax.from_pretrained(folder, mesh=mesh)
     cache = kv_cache.init_cache(model.cfg, np.zeros(4, np.int32), 16, mesh)
-    assert cache.keys[0].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
+    # batch over the batch axes (data, fsdp; expert has size 1 here), kv heads over tensor
+    assert cache.keys[0].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp", "expert"), None, "tensor", None)
     assert qwen_jax.generate(model, PROMPTS + [[3, 4]], max_new_tokens=8, stop_ids=[]) == want
 
 
