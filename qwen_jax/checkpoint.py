@@ -14,7 +14,7 @@ mid-save resumes from the previous complete checkpoint.  A step that does not re
 truncated file, a missing item, an empty stray folder) is moved to `<workdir>/checkpoints.damaged/`
 and the next older one is used (`Checkpointer.restore_latest`).
 
-Everything written here honours the process umask (`honour_umask`), so a serving process of
+Everything written here honours the process umask (`checkpoint_format.honour_umask`), so a serving process of
 another user can read checkpoints and exports.
 """
 
@@ -26,17 +26,16 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qwen_jax.checkpoint_format import atomic_copy, atomic_write_text
 from qwen_jax.config import QwenConfig, to_hf_dict
 
 log = logging.getLogger(__name__)
@@ -310,56 +309,7 @@ def restore_params(ckpt_dir: str, step: int | None, abstract_pure, shardings):
     return format_restore(ckpt_dir, step, abstract_pure=abstract_pure, shardings=shardings)
 
 
-# ---------------------------------------------------------------- file modes
-def current_umask() -> int:
-    """The process umask, read without changing it (os.umask would race with writer threads)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def honour_umask(path: str) -> None:
-    """chmod `path` (a file, or a folder and everything below) to what a plain open/mkdir gives.
-
-    tempfile.mkstemp/mkdtemp create 0600/0700 whatever the umask; files renamed into place from
-    there would be unreadable to the other users the umask allows.
-    """
-    mask = current_umask()
-    if os.path.isdir(path) and not os.path.islink(path):
-        for root, _dirs, files in os.walk(path):
-            os.chmod(root, 0o777 & ~mask)
-            for name in files:
-                full = os.path.join(root, name)
-                if not os.path.islink(full):
-                    os.chmod(full, 0o666 & ~mask)
-    else:
-        os.chmod(path, 0o666 & ~mask)
-
-
 # ---------------------------------------------------------------- Hugging Face side files
-def _atomic_write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    honour_umask(tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_copy(src: str, dst: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), prefix=".tmp-")
-    os.close(fd)
-    shutil.copyfile(src, tmp)
-    honour_umask(tmp)
-    os.replace(tmp, dst)
-
-
 def is_qwen_tokenizer(folder: str | None) -> bool:
     if not folder:
         return False
@@ -384,23 +334,23 @@ def write_side_files(ckpt_dir: str, cfg: QwenConfig, *, hf_source: str | None = 
             for name in TOKENIZER_FILES:
                 src = os.path.join(tokenizer_dir, name)
                 if os.path.exists(src):
-                    _atomic_copy(src, os.path.join(ckpt_dir, name))
+                    atomic_copy(src, os.path.join(ckpt_dir, name))
                     written.append(name)
         return written
     written = []
     chat_tokenizer = is_qwen_tokenizer(tokenizer_dir or hf_source)
     src_config = os.path.join(hf_source, "config.json") if hf_source else None
     if src_config and os.path.exists(src_config):
-        _atomic_copy(src_config, os.path.join(ckpt_dir, "config.json"))
+        atomic_copy(src_config, os.path.join(ckpt_dir, "config.json"))
     else:
         hf_config = to_hf_dict(cfg)
         if chat_tokenizer:  # trained on ChatML turns: like Qwen's Instruct configs, stop at <|im_end|>
             hf_config["eos_token_id"] = QWEN_CHAT_EOS[0]
-        _atomic_write(os.path.join(ckpt_dir, "config.json"), json.dumps(hf_config, indent=2) + "\n")
+        atomic_write_text(os.path.join(ckpt_dir, "config.json"), json.dumps(hf_config, indent=2) + "\n")
     written.append("config.json")
     src_gen = os.path.join(hf_source, "generation_config.json") if hf_source else None
     if src_gen and os.path.exists(src_gen):
-        _atomic_copy(src_gen, os.path.join(ckpt_dir, "generation_config.json"))
+        atomic_copy(src_gen, os.path.join(ckpt_dir, "generation_config.json"))
     else:
         if chat_tokenizer:
             eos = QWEN_CHAT_EOS
@@ -409,14 +359,14 @@ def write_side_files(ckpt_dir: str, cfg: QwenConfig, *, hf_source: str | None = 
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos if len(eos) != 1 else eos[0]}
         if cfg.pad_token_id is not None:
             gen["pad_token_id"] = cfg.pad_token_id
-        _atomic_write(os.path.join(ckpt_dir, "generation_config.json"), json.dumps(gen, indent=2) + "\n")
+        atomic_write_text(os.path.join(ckpt_dir, "generation_config.json"), json.dumps(gen, indent=2) + "\n")
     written.append("generation_config.json")
     for folder in (hf_source, tokenizer_dir):
         if folder and os.path.isdir(folder):
             for name in TOKENIZER_FILES:
                 src = os.path.join(folder, name)
                 if os.path.exists(src) and name not in written:
-                    _atomic_copy(src, os.path.join(ckpt_dir, name))
+                    atomic_copy(src, os.path.join(ckpt_dir, name))
                     written.append(name)
     return written
 

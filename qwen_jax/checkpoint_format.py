@@ -116,9 +116,37 @@ def current_umask() -> int:
 
 
 def honour_umask(path: str) -> None:
-    """Give `path` the mode a plain mkdir/open would have (mkdtemp/mkstemp make 0700/0600 whatever the umask)."""
-    base = 0o777 if os.path.isdir(path) else 0o666
-    os.chmod(path, base & ~current_umask())
+    """Give `path` (a file, or a folder and everything below) the modes a plain mkdir/open would have.
+
+    tempfile.mkstemp/mkdtemp create 0600/0700 whatever the umask; files renamed into place from
+    there would be unreadable to the other users the umask allows (a serving process, say).
+    """
+    mask = current_umask()
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, _dirs, files in os.walk(path):
+            os.chmod(root, 0o777 & ~mask)
+            for name in files:
+                full = os.path.join(root, name)
+                if not os.path.islink(full):
+                    os.chmod(full, 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it (old or new content, never partial)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        honour_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def atomic_copy(src: str, dst: str) -> None:

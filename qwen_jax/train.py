@@ -456,7 +456,7 @@ def export_hf(ckpt_dir: str, out_dir: str, step: int, *, what: str = "Hugging Fa
 
     import jax
 
-    from qwen_jax.checkpoint import honour_umask
+    from qwen_jax.checkpoint_format import honour_umask
     from qwen_jax.metrics import say
 
     try:
