@@ -383,8 +383,10 @@ class WorkdirLock:
     never blocks a relaunch.  The file keeps the holder's pid for the refusal message.
     """
 
+    FILE_NAME = ".lock"
+
     def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, ".lock")
+        self.path = os.path.join(workdir, self.FILE_NAME)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

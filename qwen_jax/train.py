@@ -148,6 +148,7 @@ def run(config, workdir: str) -> int:
     export_dir = os.path.abspath(config.export_hf_dir or os.path.join(workdir, "hf_export"))
 
     # ---- the workdir: one run at a time (process 0 holds the lock for all)
+    created_workdir = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     try:
         lock = ckpt_lib.WorkdirLock(workdir) if pidx == 0 else None
@@ -324,6 +325,21 @@ def run(config, workdir: str) -> int:
         guard.restore()
         if lock is not None:
             lock.release()
+        if error is not None and created_workdir and pidx == 0:
+            remove_if_untouched(workdir)
+
+
+def remove_if_untouched(workdir: str) -> None:
+    """Remove a workdir this run created when it failed before writing anything (bad data found while the
+    pipeline was built, say): only empty folders and the lock file in it.  Anything else is kept."""
+    import shutil
+
+    from qwen_jax.checkpoint import WorkdirLock
+
+    for root, _dirs, files in os.walk(workdir):
+        if any(root != workdir or name != WorkdirLock.FILE_NAME for name in files):
+            return
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _nonfinite_values(metrics: dict) -> str:

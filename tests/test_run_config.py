@@ -102,7 +102,7 @@ BAD = [
     # a later stage's microbatch (4 x 128 -> 2 after grad accumulation) no longer divides over data x fsdp = 4
     ("schedule_stage_mesh", {"data.global_batch_size": 16, "grad_accum_steps": 2, "mesh.fsdp": 4, "mesh.tensor": 2,
                              "data.seq_len_schedule": "64:0,256:3"},
-     ["data.seq_len_schedule stage 256:3", "microbatch 2", "data x fsdp = 4"]),
+     ["data.seq_len_schedule stage 256:3", "microbatch 2", "data x fsdp x expert = 4"]),
     ("schedule_stage_accum", {"data.global_batch_size": 16, "grad_accum_steps": 4, "mesh.fsdp": 4, "mesh.tensor": 2,
                               "data.seq_len_schedule": "64:0,128:5:6"},
      ["data.seq_len_schedule stage 128:5", "grad_accum_steps=4"]),
@@ -191,7 +191,7 @@ def test_validate_describes_the_run(files, tmp_path):
                      files)
     spec = run_config.validate(config, str(tmp_path / "run"), num_devices=8)
     assert spec.workdir == str(tmp_path / "run") and not (tmp_path / "run").exists()
-    assert spec.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 2, "seq": 1}
+    assert spec.mesh_shape == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2, "seq": 1}
     assert spec.stages == (Stage(32, 0, 16), Stage(64, 4, 8))
     assert spec.source == "preset" and spec.model.vocab_size == 512 and spec.model.eos_token_id == (1, 2)
 

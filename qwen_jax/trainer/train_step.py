@@ -182,8 +182,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 
             zero = jnp.zeros((), jnp.float32)
             g0 = jax.tree.map(jnp.zeros_like, trainable)
-            moe = nnx.merge(graphdef, params).cfg.is_moe  # trace time only: builds no arrays
-            router0 = {k: zero for k in ROUTER_METRICS} if moe else {}
+            # the router metrics' structure ({} for dense models), from an abstract evaluation (no arrays built)
+            first = jax.tree.map(lambda x: x[0], micro)
+            router_shapes = jax.eval_shape(loss_fn, trainable, frozen, first, denom, step_key)[1][2]
+            router0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), router_shapes)
             (grads, nll, z, router), _ = jax.lax.scan(body, (g0, zero, zero, router0), (micro, jnp.arange(accum)))
         # frozen leaves: zero gradients that nothing reads (the optimizer gives them no state)
         grads = lora_lib.combine(grads, jax.tree.map(jnp.zeros_like, frozen))
