@@ -133,36 +133,36 @@ def honour_umask(path: str) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `text` to `path` through a temporary file beside it (old or new content, never partial)."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        honour_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_copy(src: str, dst: str) -> None:
-    """Copy the bytes of `src` to `dst` through a temporary file beside it: `dst` is old or new, never partial."""
+def atomic_replace(dst: str, write) -> None:
+    """`write(binary file)` into a temporary file beside `dst`, then rename it there: `dst` is old or new, never
+    partial, and gets the mode the umask gives a plain open."""
     import tempfile
 
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dst)), prefix=f".{os.path.basename(dst)}.tmp-")
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out, 1 << 20)
+        with os.fdopen(fd, "wb") as out:
+            write(out)
         honour_umask(tmp)
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically (`atomic_replace`)."""
+    atomic_replace(path, lambda out: out.write(text.encode("utf-8")))
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    """Copy the bytes of `src` to `dst` atomically (`atomic_replace`)."""
+
+    def copy(out):
+        with open(src, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+
+    atomic_replace(dst, copy)
 
 
 # ---------------------------------------------------------------- lazily produced arrays
