@@ -60,6 +60,9 @@ def main(argv=None) -> int:
         return 2
     rng = random.Random(args.seed)
     folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        print(f"error: --out {args.out}: folder {folder} does not exist or is not writable", file=sys.stderr)
+        return 2
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".chat_spread.")
     lengths = []
     with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -83,6 +83,7 @@ BAD = [
     ("total_steps", {"total_steps": 0}, ["'total_steps'", ">= 1", "got 0"]),
     ("save_every", {"save_every": -1}, ["'save_every'"]),
     ("keep_checkpoints", {"keep_checkpoints": 0}, ["'keep_checkpoints'", ">= 1"]),
+    ("nonfinite_mode", {"nonfinite": "ignore"}, ["'nonfinite'", "stop | skip", "'ignore'"]),
     ("global_batch_size_0", {"data.global_batch_size": 0}, ["'data.global_batch_size'"]),
     ("global_batch_size_neg", {"data.global_batch_size": -8}, ["'data.global_batch_size'"]),
     ("seq_len", {"data.seq_len": 0}, ["'data.seq_len'"]),
