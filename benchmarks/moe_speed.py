@@ -116,7 +116,8 @@ def worker_torch(shape, overrides, variant, steps, blocks):
                                                       if k not in ("architectures", "torch_dtype")})
     config.output_router_logits = True
     config._attn_implementation = "sdpa"
-    model = getattr(transformers, f"{name}ForCausalLM")(config).to(device)
+    with torch.device(device):  # initialise on the accelerator: billions of parameters on one CPU thread take minutes
+        model = getattr(transformers, f"{name}ForCausalLM")(config)
     if variant == "ckpt":
         model.gradient_checkpointing_enable()
     model.train()

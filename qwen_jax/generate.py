@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         new: list[int] = []
         shown = ""
         for step_ids in stream(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, chunk=16):
             new.append(step_ids[0])
             shown = _stream_text(tok, new, shown, out)
         if new[-1] in stops:

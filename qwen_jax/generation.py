@@ -73,11 +73,40 @@ def sample_next(logits, key, temperature, top_k, top_p, *, greedy: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
-def _step(graphdef, state, cache, tokens, key, temperature, top_k, top_p, *, greedy):
-    """Run `tokens` [batch, t] through the model at the cache's next slots and pick the next tokens."""
-    model = nnx.merge(graphdef, state)
-    logits, cache = model.decode(tokens, cache)
+def _prefill(graphdef, state, cache, tokens, key, temperature, top_k, top_p, *, greedy):
+    """Run the left-padded prompts [batch, slots] into the cache and pick each row's first new token."""
+    logits, cache = nnx.merge(graphdef, state).decode(tokens, cache)
     return sample_next(logits, key, temperature, top_k, top_p, greedy=greedy), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "steps"), donate_argnames=("cache",))
+def _decode_loop(graphdef, state, cache, current, done, key, made, limit, stops, temperature, top_k, top_p, *,
+                 greedy, steps):
+    """Up to `steps` decode steps in one device loop (`lax.while_loop`).
+
+    Why a device loop: at batch 1 a decode step of a small model takes a fraction of a
+    millisecond on a GPU, less than Python needs to dispatch one jitted call over the
+    parameter tree, so a host loop per token would measure the host.  The loop feeds
+    `current` (the last token of each row, `made` tokens made so far), stops when `limit`
+    tokens are made or every row has produced a stop id, and returns the new tokens
+    [batch, steps] (the first `count` columns are valid), the count, and the loop's state.
+    """
+    model = nnx.merge(graphdef, state)
+    out = jnp.zeros((current.shape[0], steps), jnp.int32)
+
+    def more(carry):
+        i, _, _, done, _ = carry
+        return (i < steps) & (made + i < limit) & ~jnp.all(done)
+
+    def step(carry):
+        i, cache, current, done, out = carry
+        logits, cache = model.decode(current[:, None], cache)
+        following = sample_next(logits, jax.random.fold_in(key, made + i), temperature, top_k, top_p, greedy=greedy)
+        out = jax.lax.dynamic_update_slice_in_dim(out, following[:, None], i, axis=1)
+        return i + 1, cache, following, done | jnp.isin(following, stops), out
+
+    count, cache, current, done, out = jax.lax.while_loop(more, step, (jnp.int32(0), cache, current, done, out))
+    return out, count, cache, current, done
 
 
 def model_mesh(state):
@@ -112,10 +141,13 @@ def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p):
 
 
 def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0, stop_ids=None, seed: int = 0) -> Iterator[list[int | None]]:
+           top_k: int = 0, top_p: float = 1.0, stop_ids=None, seed: int = 0,
+           chunk: int | None = None) -> Iterator[list[int | None]]:
     """Yields once per generated position: the new token of every row (None for rows already stopped).
 
-    Ends after `max_new_tokens` positions or when every row has produced a stop id.
+    Ends after `max_new_tokens` positions or when every row has produced a stop id.  Tokens are
+    made on the device `chunk` at a time (None: all in one device loop); a streaming caller
+    passes a small chunk to show text as it is made.
     """
     _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p)
     stops = np.asarray(resolve_stop_ids(model, stop_ids), np.int64)
@@ -131,19 +163,29 @@ def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temp
     key = jax.random.key(seed)
     knobs = dict(temperature=jnp.float32(max(temperature, 1e-6)), top_k=jnp.int32(top_k), top_p=jnp.float32(top_p),
                  greedy=temperature == 0)
-    done = np.zeros(len(prompts), bool)
+    stops_device = jnp.asarray(stops, jnp.int32)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        current, cache = _step(graphdef, state, cache, jnp.asarray(tokens), key, **knobs)
-        for i in range(max_new_tokens):
-            if i + 1 < max_new_tokens:  # dispatch the next step before reading this one
-                following, cache = _step(graphdef, state, cache, current[:, None], jax.random.fold_in(key, i + 1),
-                                         **knobs)
-            ids = np.asarray(current)
-            yield [None if d else int(t) for t, d in zip(ids, done, strict=True)]
-            done |= np.isin(ids, stops)
-            if done.all() or i + 1 == max_new_tokens:
-                return
-            current = following
+        current, cache = _prefill(graphdef, state, cache, jnp.asarray(tokens), key, **knobs)
+        done = jnp.isin(current, stops_device)
+        emitted_done = np.zeros(len(prompts), bool)
+        yield from _emit(np.asarray(current)[:, None], 1, emitted_done, stops)
+        made = 1
+        steps = chunk or kv_cache.length_bucket(max_new_tokens - 1, minimum=1)
+        while made < max_new_tokens and not emitted_done.all():
+            out, count, cache, current, done = _decode_loop(
+                graphdef, state, cache, current, done, key, jnp.int32(made), jnp.int32(max_new_tokens),
+                stops_device, steps=steps, **knobs)
+            count = int(count)
+            yield from _emit(np.asarray(out), count, emitted_done, stops)
+            made += count
+
+
+def _emit(ids, count, done, stops):
+    """Yield columns [0, count) of `ids` [batch, n] as per-row lists, None for rows that already
+    stopped; `done` (updated in place) records rows whose emitted tokens include a stop id."""
+    for column in ids[:, :count].T:
+        yield [None if d else int(t) for t, d in zip(column, done, strict=True)]
+        done |= np.isin(column, stops)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,

@@ -73,10 +73,9 @@ def init_cache(cfg, start, length: int, mesh=None) -> KVCache:
     shape = (start.shape[0], int(length), cfg.num_key_value_heads, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
     sharding = cache_sharding(mesh, shape) if mesh is not None else None
-    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
     n = cfg.num_hidden_layers
-    return KVCache(tuple(zeros() for _ in range(n)), tuple(zeros() for _ in range(n)),
-                   jnp.zeros((), jnp.int32), start)
+    return KVCache(tuple(jnp.zeros(shape, dtype, device=sharding) for _ in range(n)),
+                   tuple(jnp.zeros(shape, dtype, device=sharding) for _ in range(n)), jnp.zeros((), jnp.int32), start)
 
 
 def write(buffer, new, index):
