@@ -9,6 +9,7 @@ The docs tables are the registry's own output.
 from __future__ import annotations
 
 import ast
+import importlib
 import io
 import json
 import os
@@ -224,3 +225,9 @@ def test_import_loads_no_numerical_library():
     p = subprocess.run([sys.executable, "-m", "qwen_jax.lint", "--list-rules"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout == lint.rules_markdown() + "\n" and not p.stderr
+
+
+def test_console_script_is_the_package_cli():
+    """pyproject's `qwen-lint` entry point is qwen_jax.lint's main (tools/lint_config.py only fronts it)."""
+    module, attr = re.search(r'^qwen-lint = "([\w.]+):(\w+)"$', (ROOT / "pyproject.toml").read_text(), re.M).groups()
+    assert getattr(importlib.import_module(module), attr) is lint.main
