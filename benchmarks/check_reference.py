@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tools.lint_config import _SEV_RANK, lint_folder  # noqa: E402
+from qwen_jax.lint import SEV_RANK, lint_folder  # noqa: E402
 
 
 def main(argv=None):
@@ -40,15 +40,15 @@ def main(argv=None):
             exp = json.load(fh)
         fs = lint_folder(d).findings
         want = exp.get("rule_ids", [])
-        minsev = _SEV_RANK[exp.get("min_severity", "warning")]
-        got = {f.rule: max(_SEV_RANK[g.severity] for g in fs if g.rule == f.rule) for f in fs}
+        minsev = SEV_RANK[exp.get("min_severity", "warning")]
+        got = {f.rule: max(SEV_RANK[g.severity] for g in fs if g.rule == f.rule) for f in fs}
         hit = [r for r in want if got.get(r, -1) >= minsev]
         top = max(got.values(), default=-1)
         forbidden = [m.split()[0] for m in exp.get("must_not_flag", []) if re.match(r"QL-", m)]
         bad_flags = [r for r in forbidden if r in got]
         good = bool(hit) and top >= minsev and not bad_flags
         ok &= good
-        inv = {v: k for k, v in _SEV_RANK.items()}
+        inv = {v: k for k, v in SEV_RANK.items()}
         print(f"case  {name:40s} {'OK' if good else 'MISS'}  expected {want}>={exp.get('min_severity')}; "
               f"got {', '.join(f'{r}:{inv[s]}' for r, s in sorted(got.items()))}"
               + (f"; FORBIDDEN {bad_flags}" if bad_flags else ""))

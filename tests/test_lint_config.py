@@ -1,4 +1,4 @@
-"""Tests for the config linter (tools/lint_config.py, `qwen-lint`)."""
+"""Tests for the config linter (qwen_jax/lint, `qwen-lint`; tools/lint_config.py is its script front)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tools import lint_config as lc
+from qwen_jax import lint as lc
+from qwen_jax.lint.json_syntax import CONFIG_TYPES, ROPE_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "lint_config.py"
@@ -76,8 +77,8 @@ def findings(folder):
 
 
 def rules(folder, min_sev="info"):
-    rank = lc._SEV_RANK[min_sev]
-    return {(f.rule, f.severity) for f in findings(folder) if lc._SEV_RANK[f.severity] >= rank}
+    rank = lc.SEV_RANK[min_sev]
+    return {(f.rule, f.severity) for f in findings(folder) if lc.SEV_RANK[f.severity] >= rank}
 
 
 def run(argv):
@@ -255,7 +256,7 @@ def test_broken_config_is_flagged(tmp_path, case, config, gen, rule, severity):
 @pytest.mark.parametrize("case,config,gen,rule,severity", BROKEN, ids=[b[0] for b in BROKEN])
 def test_broken_config_exit_status(tmp_path, case, config, gen, rule, severity):
     make(tmp_path, config, gen)
-    worst = max(lc._SEV_RANK[f.severity] for f in findings(tmp_path))
+    worst = max(lc.SEV_RANK[f.severity] for f in findings(tmp_path))
     code, _ = run([tmp_path])
     assert code == (1 if worst == 2 else 0)
     code, _ = run(["--strict", tmp_path])
@@ -642,9 +643,9 @@ JSON_SCALARS = st.none() | st.booleans() | st.integers(-2**40, 2**70) | st.float
     max_size=8)
 JSON_VALUES = st.recursive(JSON_SCALARS, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
     st.text(max_size=6), kids, max_size=4), max_leaves=12)
-KEYS = sorted(set(INSTRUCT) | set(lc._CONFIG_TYPES) | {"rope_scaling", "rope_parameters", "layer_types",
+KEYS = sorted(set(INSTRUCT) | set(CONFIG_TYPES) | {"rope_scaling", "rope_parameters", "layer_types",
                                                        "dual_chunk_attention_config"})
-ROPE_KEYS = sorted(lc._ROPE_TYPES)
+ROPE_KEYS = sorted(ROPE_TYPES)
 SETTINGS = settings(max_examples=int(os.environ.get("QWEN_LINT_FUZZ_EXAMPLES", "80")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
@@ -760,6 +761,11 @@ def test_pre_commit_hook_refuses_the_commit(broken_repo, tmp_path):
     shutil.copy2(ROOT / ".pre-commit-hooks.yaml", hooks)
     for name in ("__init__.py", "lint_config.py"):
         shutil.copy2(ROOT / "tools" / name, hooks / "tools" / name)
+    # the script front imports the linter package next to it (only qwen_jax/__init__.py and qwen_jax/lint/)
+    (hooks / "qwen_jax").mkdir()
+    shutil.copy2(ROOT / "qwen_jax" / "__init__.py", hooks / "qwen_jax" / "__init__.py")
+    shutil.copytree(ROOT / "qwen_jax" / "lint", hooks / "qwen_jax" / "lint",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     _sh(["git", "init", "-q", "-b", "main"], hooks, env)
     _sh(["git", "add", "-A"], hooks, env)
     _sh(["git", "commit", "-qm", "hook"], hooks, env)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from configs.model_presets import get_preset
-from tools import lint_config as lc
+from qwen_jax import lint as lc
 
 ROOT = Path(__file__).resolve().parents[1]
 MOE_PRESETS = ["qwen1.5-moe-a2.7b", "qwen2-57b-a14b", "qwen2-57b-a14b-instruct", "qwen3-30b-a3b", "qwen3-235b-a22b"]
@@ -74,6 +74,6 @@ def test_cli_exit_status_and_message(tmp_path):
 def test_rules_are_documented():
     for doc in (ROOT / "docs" / "lint.md", ROOT / "README.md"):
         text = doc.read_text()
-        for rule, (severity, what, _) in lc.RULES.items():
-            if rule.startswith("QL-MOE"):
-                assert f"| `{rule}` | {severity} | {what} |" in text, (doc, rule)
+        for rule in lc.RULES.values():
+            if rule.id.startswith("QL-MOE"):
+                assert f"| `{rule.id}` | {rule.severity} | {rule.title} |" in text, (doc, rule.id)
