@@ -35,14 +35,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from qwen_jax.checkpoint_format import atomic_copy, atomic_write_text
+from qwen_jax.checkpoint_format import TOKENIZER_FILES, atomic_copy, atomic_write_text, copy_side_files
 from qwen_jax.config import QwenConfig, to_hf_dict
 
 log = logging.getLogger(__name__)
 
 QWEN_CHAT_EOS = [151645, 151643]  # <|im_end|>, <|endoftext|>
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -326,8 +324,6 @@ def write_side_files(ckpt_dir: str, cfg: QwenConfig, *, hf_source: str | None = 
     """config.json, generation_config.json and tokenizer files at the checkpoint root (process 0 only)."""
     os.makedirs(ckpt_dir, exist_ok=True)
     if hf_source and os.path.exists(os.path.join(hf_source, "config.json")):
-        from qwen_jax.checkpoint_format import copy_side_files
-
         written = copy_side_files(hf_source, ckpt_dir)
         if tokenizer_dir and os.path.realpath(tokenizer_dir) != os.path.realpath(hf_source):
             # data.tokenizer overrides the folder's tokenizer: ship the one training used

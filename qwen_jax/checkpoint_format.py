@@ -55,10 +55,8 @@ from typing import Any
 import numpy as np
 
 PARAMS_ITEM = "params"
-# Hugging Face side files kept beside the checkpoint (copied when present in the source).
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
+# The tokenizer and its chat template, as a Hugging Face folder holds them.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "vocab.json",
@@ -68,6 +66,8 @@ SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# Hugging Face side files kept beside the checkpoint and shipped with an export (copied when present in the source).
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 _SIDE_PATTERNS = (re.compile(r"chat_template.*\.(jinja|json)$"),)
 
 

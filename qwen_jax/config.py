@@ -21,6 +21,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from qwen_jax.dtypes import FLOAT_DTYPES, dtype_name
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
@@ -195,7 +197,7 @@ class QwenConfig:
             if dca["chunk_size"] <= dca["local_size"]:
                 bad("dual_chunk_attention_config.chunk_size", "must be larger than local_size")
         for key in ("dtype", "param_dtype"):
-            if getattr(self, key) not in ("float32", "bfloat16", "float16"):
+            if getattr(self, key) not in FLOAT_DTYPES:
                 bad(key, f"must be float32, bfloat16 or float16, got {getattr(self, key)!r}")
         if self.attention not in ATTENTION_IMPLS:
             bad("attention", f"must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
@@ -216,13 +218,6 @@ class QwenConfig:
             outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
             if outside:
                 bad("mlp_only_layers", f"{outside} outside [0, {self.num_hidden_layers})")
-
-
-def _normalise_dtype(name: Any) -> str:
-    aliases = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
-    name = str(getattr(name, "__name__", name))
-    name = getattr(name, "name", name)
-    return aliases.get(name, name)
 
 
 def normalise_rope(raw: Mapping, source: str = "config.json") -> tuple[float, dict]:
@@ -360,9 +355,9 @@ def config_from_dict(raw: Mapping, source: str = "config.json", **overrides) -> 
     if model_type in MOE_MODEL_TYPES:
         fields.update(_moe_fields(raw, get, source))
     if "dtype" in overrides:
-        overrides["dtype"] = _normalise_dtype(overrides["dtype"])
+        overrides["dtype"] = dtype_name(overrides["dtype"])
     if "param_dtype" in overrides:
-        overrides["param_dtype"] = _normalise_dtype(overrides["param_dtype"])
+        overrides["param_dtype"] = dtype_name(overrides["param_dtype"])
     valid = {f.name for f in dataclasses.fields(QwenConfig)}
     unknown_overrides = sorted(set(overrides) - valid)
     if unknown_overrides:
@@ -450,6 +445,23 @@ def tokenizer_eos_id(folder: str) -> int | None:
     return int(vocab[eos]) if isinstance(vocab, dict) and eos in vocab else None
 
 
+def config_eos_ids(cfg: dict) -> list[int]:
+    """config.json's eos_token_id, or its `text_config`'s (multimodal configs nest the text model's)."""
+    return eos_ids(cfg.get("eos_token_id")) or eos_ids((cfg.get("text_config") or {}).get("eos_token_id"))
+
+
+def generation_eos_ids(folder: str) -> tuple[list[int], str | None]:
+    """(ids, file) of the eos ids transformers' `generate` stops on: generation_config.json's eos_token_id when it
+    sets one, else config.json's; ([], None) when neither does."""
+    for name, read in (("generation_config.json", lambda c: eos_ids(c.get("eos_token_id"))),
+                       ("config.json", config_eos_ids)):
+        path = os.path.join(folder, name)
+        ids = read(_read_json(path))
+        if ids:
+            return ids, path
+    return [], None
+
+
 def model_stop_ids(folder: str) -> tuple[int, ...]:
     """Every id generation should stop on: the union of generation_config.json's, config.json's
     (or its `text_config`'s) eos_token_id and the tokenizer's eos token.
@@ -458,8 +470,7 @@ def model_stop_ids(folder: str) -> tuple[int, ...]:
     <|im_end|> must still stop; runtimes disagree on which file wins, so stop on all of them.
     """
     ids = eos_ids(_read_json(os.path.join(folder, "generation_config.json")).get("eos_token_id"))
-    cfg = _read_json(os.path.join(folder, "config.json"))
-    ids += eos_ids(cfg.get("eos_token_id")) or eos_ids((cfg.get("text_config") or {}).get("eos_token_id"))
+    ids += config_eos_ids(_read_json(os.path.join(folder, "config.json")))
     tok = tokenizer_eos_id(folder)
     ids += [] if tok is None else [tok]
     return tuple(sorted(set(ids)))

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from qwen_jax.config import ConfigError, QwenConfig, load_hf_config, model_stop_ids
+from qwen_jax.dtypes import SAFETENSORS_CODES, from_safetensors, to_safetensors
 from qwen_jax.model import Qwen, layer_stacks
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -325,7 +326,7 @@ class TensorReader:
         file = self.files[name]
         base, header = self._layout(file)
         entry = header[name]
-        dtype = np.dtype(_ml(_ST_TO_NUMPY[entry["dtype"]])) if entry["dtype"] in _ST_TO_NUMPY else None
+        dtype = from_safetensors(entry["dtype"])
         if dtype is None:
             raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {entry['dtype']}")
         shape = list(entry["shape"])
@@ -365,9 +366,10 @@ class TensorReader:
 
     def numpy_dtype(self, name: str) -> np.dtype:
         code = self.dtype(name)
-        if code not in _ST_TO_NUMPY:
+        dtype = from_safetensors(code)
+        if dtype is None:
             raise CheckpointError(f"{self.files[name]}: tensor {name!r} has unsupported dtype {code}")
-        return np.dtype(_ml(_ST_TO_NUMPY[code]))
+        return dtype
 
     def close(self):
         self._open.clear()
@@ -438,23 +440,12 @@ def open_reader(folder: str) -> TensorReader | ExpertsReader:
 
 
 # ---------------------------------------------------------------- safetensors writing (streaming)
-_ST_TO_NUMPY = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
-_NUMPY_TO_ST = {v: k for k, v in _ST_TO_NUMPY.items()}
-
-
-def _ml(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return name
-
-
 def safetensors_dtype(dtype) -> str:
-    name = np.dtype(dtype).name
-    if name not in _NUMPY_TO_ST:
-        raise CheckpointError(f"cannot write dtype {name} to safetensors (supported: {sorted(_NUMPY_TO_ST)})")
-    return _NUMPY_TO_ST[name]
+    code = to_safetensors(dtype)
+    if code is None:
+        raise CheckpointError(f"cannot write dtype {np.dtype(dtype).name} to safetensors "
+                              f"(supported: {sorted(SAFETENSORS_CODES.values())})")
+    return code
 
 
 class SafetensorsWriter:
@@ -610,7 +601,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, me
     reader = open_reader(folder)
     if param_dtype == "keep":
         first = next(iter(reader.files))
-        param_dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(reader.dtype(first), "float32")
+        param_dtype = SAFETENSORS_CODES.get(reader.dtype(first), "float32")
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
     cfg = load_hf_config(folder, **overrides)

@@ -31,10 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen_jax.dtypes import FLOAT_DTYPES
+
 ADAPTERS = ("lora_a", "lora_b")
 DEFAULT_TARGETS = r"/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel$"
 EXPORTS = ("merged", "adapter", "both")
-BASE_DTYPES = ("keep", "bfloat16", "float16", "float32")
+BASE_DTYPES = ("keep", *FLOAT_DTYPES)
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

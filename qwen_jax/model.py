@@ -30,7 +30,7 @@ from qwen_jax.layers.linear import Linear
 from qwen_jax.layers.mlp import MLP
 from qwen_jax.layers.moe import RouterStats, SparseMoE
 from qwen_jax.layers.normalization import RMSNorm
-from qwen_jax.sharding import constrain
+from qwen_jax.sharding import axis_size, constrain
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -72,8 +72,7 @@ def ring_size(cfg: QwenConfig) -> int:
     """Size of the `seq` mesh axis the ring runs over (1 when ring attention is off or no mesh is set)."""
     if cfg.attention != "ring":
         return 1
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty or "seq" not in mesh.axis_names else int(mesh.shape["seq"])
+    return axis_size("seq")
 
 
 def layer_stacks(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:

@@ -461,6 +461,15 @@ def check_data(data_cfg, stages: list[Stage], process_count: int) -> None:
             _check_writable_dir(folder, "config key 'data.cache_dir'")
 
 
+def check_freeze_layers(config, cfg: QwenConfig) -> None:
+    """`freeze_layers` counts positions in one layer stack; a model mixing dense and sparse layers has two."""
+    sparse = [cfg.is_sparse(i) for i in range(cfg.num_hidden_layers)]
+    if config.get("freeze_layers", 0) and any(sparse) and not all(sparse):
+        raise RunConfigError(
+            "config key 'freeze_layers': it counts positions in a layer stack; this model mixes dense and sparse "
+            "layers (two stacks, docs/moe.md): use freeze='<regex>' instead")
+
+
 # ---------------------------------------------------------------- everything
 def validate(config, workdir: str | None, *, num_devices: int, process_count: int = 1) -> RunSpec:
     """Check the whole run; RunConfigError (one line) for the first problem.  Writes nothing."""
@@ -470,6 +479,7 @@ def validate(config, workdir: str | None, *, num_devices: int, process_count: in
         _check_writable_dir(config.export_hf_dir, "config key 'export_hf_dir'")
     shape = mesh_shape(config, num_devices)
     cfg, source, overrides = model_config(config)
+    check_freeze_layers(config, cfg)
     stages = data_stages(config.data)
     accum = int(config.grad_accum_steps)
     check_stages(stages, mesh=shape, grad_accum_steps=accum, process_count=process_count, attention=cfg.attention)

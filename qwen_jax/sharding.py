@@ -75,6 +75,15 @@ def mesh_sizes(shape: dict[str, int] | Sequence[int], num_devices: int) -> dict[
     return dict(zip(MESH_AXES, sizes, strict=True))
 
 
+def axis_size(name: str, mesh=None) -> int:
+    """Size of mesh axis `name` (e.g. `seq`: the ring attention's ring); 1 without a mesh or without that axis.
+
+    `mesh`: default the mesh set with `jax.set_mesh` (abstract inside jit)."""
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh is None or mesh.empty or name not in mesh.axis_names else int(mesh.shape[name])
+
+
 def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
     """A mesh with axes (data, fsdp, expert, tensor, seq); one size may be -1 (the rest of the devices)."""
     devices = list(jax.devices() if devices is None else devices)

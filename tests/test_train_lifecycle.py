@@ -407,7 +407,7 @@ def test_prefetcher_pairs_each_batch_with_the_iterator_state_after_it():
 def test_device_out_of_memory_is_one_line_with_the_need_and_the_knobs():
     import jax
 
-    from qwen_jax.train import RunError, on_device_errors
+    from qwen_jax.trainer.errors import RunError, on_device_errors
 
     text = ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 139586437120 bytes. "
             "BufferAssignment OOM Debugging.")

@@ -24,7 +24,7 @@ def run_steps(mesh_shape: dict, attention: str, steps: int = 2):
     cfg = config_from_dict(get_preset("tiny"), vocab_size=VOCAB, dtype="float32", attention=attention,
                            attention_block_size=8)
     mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[: int(np.prod(list(mesh_shape.values())))])
-    ring = int(mesh.shape["seq"])
+    ring = sharding.axis_size("seq", mesh)
     graphdef, abstract, p_sh = ts.param_shardings(cfg, mesh)
     params = ts.init_params(cfg, 0, p_sh)
     spec = opt.resolve_freeze(params)

@@ -37,8 +37,6 @@ import numpy as np
 
 log = logging.getLogger("qwen_convert")
 
-DTYPES = {"keep": None, "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-          "fp32": "float32", "float32": "float32"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -164,18 +162,13 @@ def _nested_set(tree: dict, path: tuple[str, ...], value) -> None:
 def _target_dtype(dtype: str | None) -> np.dtype | None:
     if dtype is None:
         return None
-    key = str(dtype).lower()
-    if key not in DTYPES:
+    from qwen_jax.dtypes import FLOAT_DTYPES, dtype_name, numpy_dtype
+
+    if str(dtype).lower() == "keep":
+        return None
+    if dtype_name(dtype) not in FLOAT_DTYPES:
         raise ConvertError(f"unknown --dtype {dtype!r} (choose from bf16, fp16, fp32, keep)")
-    return None if DTYPES[key] is None else np.dtype(_ml_name(DTYPES[key]))
-
-
-def _ml_name(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return name
+    return numpy_dtype(dtype)
 
 
 # ---------------------------------------------------------------- hf -> orbax

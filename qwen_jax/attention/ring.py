@@ -43,6 +43,7 @@ from qwen_jax.attention.blockwise import (
     attention_fwd,
     blockwise_attention,
 )
+from qwen_jax.sharding import axis_size
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -347,21 +348,17 @@ def _make_local_fn(axis_name, n, layout, spec: BlockSpec, core="blockwise"):
     return local
 
 
-def _axis_size(mesh, name):
-    return int(mesh.shape[name]) if name in mesh.shape else 1
-
-
 def _specs(mesh, q, k, axis_name):
     """PartitionSpecs: batch over (data, fsdp), seq over `axis_name`, heads over tensor (if it divides both)."""
     batch_axes = []
     size = 1
     for name in ("data", "fsdp"):
-        s = _axis_size(mesh, name)
+        s = axis_size(name, mesh)
         if name != axis_name and s > 1 and q.shape[0] % (size * s) == 0:
             batch_axes.append(name)
             size *= s
     batch = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else tuple(batch_axes)
-    tp = _axis_size(mesh, "tensor")
+    tp = axis_size("tensor", mesh)
     heads = "tensor" if (axis_name != "tensor" and tp > 1 and q.shape[2] % tp == 0 and k.shape[2] % tp == 0) else None
     return P(batch, axis_name, heads, None), P(batch, axis_name)
 
@@ -369,7 +366,7 @@ def _specs(mesh, q, k, axis_name):
 def _ring_size(mesh, axis_name):
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
-    n = 1 if mesh is None or mesh.empty else _axis_size(mesh, axis_name)
+    n = axis_size(axis_name, mesh)
     return mesh, n
 
 

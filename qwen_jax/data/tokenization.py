@@ -46,7 +46,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from qwen_jax.config import ConfigError, eos_ids
+from qwen_jax.config import ConfigError, generation_eos_ids
 from qwen_jax.data.sources import RawRecord
 
 log = logging.getLogger(__name__)
@@ -183,17 +183,10 @@ def resolve_chat_setup(data_cfg) -> ChatSetup:
 
 
 def stop_token_ids(model_dir: str) -> tuple[list[int], str]:
-    """The eos ids generation stops on: generation_config.json's eos_token_id, else config.json's."""
-    for name in ("generation_config.json", "config.json"):
-        path = os.path.join(model_dir, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                cfg = json.load(f)
-            ids = eos_ids(cfg.get("eos_token_id"))
-            if not ids and name == "config.json":
-                ids = eos_ids(cfg.get("text_config", {}).get("eos_token_id"))
-            if ids:
-                return ids, f"{path} (key eos_token_id)"
+    """The eos ids generation stops on (`config.generation_eos_ids`) and where they were read, for messages."""
+    ids, path = generation_eos_ids(model_dir)
+    if ids:
+        return ids, f"{path} (key eos_token_id)"
     raise ValueError(f"data.model_dir={model_dir!r}: neither generation_config.json nor config.json has eos_token_id")
 
 

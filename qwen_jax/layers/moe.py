@@ -31,7 +31,7 @@ from qwen_jax.config import QwenConfig
 from qwen_jax.layers.common import normal, param
 from qwen_jax.layers.linear import Linear
 from qwen_jax.layers.mlp import MLP
-from qwen_jax.sharding import constrain
+from qwen_jax.sharding import axis_size, constrain
 
 
 class RouterStats(NamedTuple):
@@ -100,8 +100,7 @@ def grouped_swiglu(x, weights, experts, w_gate, w_up, w_down, first_expert=0):
 
 
 def expert_axis_size() -> int:
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty or "expert" not in mesh.axis_names else int(mesh.shape["expert"])
+    return axis_size("expert")
 
 
 def expert_parallel_swiglu(x, weights, experts, w_gate, w_up, w_down):

@@ -1,0 +1,136 @@
+"""What plugs into the training loop (`qwen_jax/trainer/loop.py`): metrics, evaluation, export, and any
+later feature, each a `Hook`.
+
+The loop owns what decides whether a run goes on (the step, non-finite checks, checkpoints,
+preemption); a hook only reacts.  Per step, in this order:
+
+1. the step is dispatched to the device; the previous step's metrics are fetched and handed to
+   `on_step_end(step, metrics, info)` of every hook (one step behind: the device already has the
+   next step queued, so fetching does not stall it);
+2. `on_state(step, loop)`: `loop.state` is the state after `step` (on device); a hook that reads it
+   calls `loop.sync()` first, which fetches this step's metrics (so a diverged state is never used);
+3. when a checkpoint of `step` is due: `on_checkpoint(step)` before its save starts;
+4. after the last step and its checkpoint: `on_finish(step, completed)`; `close()` always, also
+   when the run fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What the loop measured for one step, beside its metrics."""
+
+    step_time: float  # seconds since the previous step's metrics arrived
+    tokens: int  # tokens in the global batch
+    seq_len: int  # the batch's row length (the data schedule may change it)
+
+
+class LoopView(Protocol):
+    """The part of the loop a hook may use in `on_state`."""
+
+    state: Any  # the train state after the current step (on device)
+
+    def sync(self) -> None:
+        """Fetch and check the current step's metrics (waits for the step)."""
+
+
+class Hook:
+    """A no-op for every event: subclass it and override what you need (see the module docstring for the order)."""
+
+    def on_step_end(self, step: int, metrics: dict, info: StepInfo) -> None:
+        """The host metrics of `step` (floats; `finite` already removed)."""
+
+    def on_state(self, step: int, loop: LoopView) -> None:
+        """After `step` was dispatched; `loop.state` is the state after it."""
+
+    def on_checkpoint(self, step: int) -> None:
+        """A checkpoint of `step` is about to be saved."""
+
+    def on_finish(self, step: int, completed: bool) -> None:
+        """The loop ended at `step` with its checkpoints written; `completed`: `total_steps` was reached."""
+
+    def close(self) -> None:
+        """Release what the hook holds; called once whatever happened (may follow `on_finish`)."""
+
+
+class Hooks(Hook):
+    """Several hooks as one: each event goes to every hook, in list order."""
+
+    def __init__(self, hooks):
+        self.hooks = list(hooks)
+
+    def on_step_end(self, step, metrics, info):
+        for hook in self.hooks:
+            hook.on_step_end(step, metrics, info)
+
+    def on_state(self, step, loop):
+        for hook in self.hooks:
+            hook.on_state(step, loop)
+
+    def on_checkpoint(self, step):
+        for hook in self.hooks:
+            hook.on_checkpoint(step)
+
+    def on_finish(self, step, completed):
+        for hook in self.hooks:
+            hook.on_finish(step, completed)
+
+    def close(self):
+        for hook in self.hooks:
+            hook.close()
+
+
+class MetricsHook(Hook):
+    """Each step's metrics to the `MetricsLogger` (stdout, metrics.jsonl, TensorBoard); made durable before each
+    checkpoint, so a resumed run's log never lacks a step its checkpoint holds."""
+
+    def __init__(self, logger, cfg, total_steps: int):
+        self.logger, self.cfg, self.total_steps = logger, cfg, total_steps
+
+    def on_step_end(self, step, metrics, info):
+        from qwen_jax.metrics import flops_per_token
+
+        self.logger.log(step, metrics, step_time=info.step_time, tokens=info.tokens, total_steps=self.total_steps,
+                        flops_per_token=flops_per_token(self.cfg, info.seq_len))
+
+    def on_checkpoint(self, step):
+        self.logger.flush()
+
+    def on_finish(self, step, completed):
+        self.logger.close()
+
+    def close(self):
+        self.logger.close()
+
+
+class EvalHook(Hook):
+    """Held-out loss and perplexity every `every` steps and at the last step, logged as `eval/*` scalars."""
+
+    def __init__(self, evaluator, logger, every: int, total_steps: int):
+        self.evaluator, self.logger, self.every, self.total_steps = evaluator, logger, every, total_steps
+
+    def on_state(self, step, loop):
+        from qwen_jax.trainer.errors import on_device_errors
+
+        if step % self.every and step != self.total_steps:
+            return
+        loop.sync()  # this step's own metrics first: a diverged state is not evaluated
+        ev = on_device_errors(lambda: self.evaluator(loop.state["params"]), step)
+        self.logger.log_scalars(step, {"eval/loss": ev["loss"], "eval/perplexity": ev["perplexity"]}, label="eval")
+
+
+class ExportHook(Hook):
+    """At the end of a completed run, the Hugging Face exports (`qwen_jax/trainer/export.py`)."""
+
+    def __init__(self, ckpt_dir: str, workdir: str, export_dir: str, lora):
+        self.ckpt_dir, self.workdir, self.export_dir, self.lora = ckpt_dir, workdir, export_dir, lora
+
+    def on_finish(self, step, completed):
+        from qwen_jax.trainer.export import export_run
+
+        if completed:
+            export_run(self.ckpt_dir, self.workdir, self.export_dir, step, self.lora)
