@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import qwen_jax  # noqa: E402
-from qwen_jax.config import config_from_dict, num_params  # noqa: E402
+from qwen_jax.config import config_from_dict  # noqa: E402
+from qwen_jax.model import num_params  # noqa: E402
 
 
 def median_time(fn, reps: int) -> float:

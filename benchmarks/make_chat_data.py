@@ -18,7 +18,10 @@ import math
 import os
 import random
 import sys
-import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qwen_jax.checkpoint_format import atomic_replace  # noqa: E402
 
 _WORD_TEXT = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
@@ -63,18 +66,16 @@ def main(argv=None) -> int:
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         print(f"error: --out {args.out}: folder {folder} does not exist or is not writable", file=sys.stderr)
         return 2
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".chat_spread.")
     lengths = []
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+
+    def write(f):
         for _ in range(args.examples):
             n = int(min(args.max_words, max(args.min_words, rng.lognormvariate(math.log(args.median_words),
                                                                                   args.sigma))))
             lengths.append(n)
-            f.write(json.dumps(conversation(rng, n)) + "\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, args.out)
+            f.write((json.dumps(conversation(rng, n)) + "\n").encode("utf-8"))
+
+    atomic_replace(args.out, write)
     lengths.sort()
     pct = {q: lengths[int(q / 100 * (len(lengths) - 1))] for q in (10, 50, 90, 99)}
     print(f"wrote {args.out}: {len(lengths)} conversations, words p10/p50/p90/p99 = "

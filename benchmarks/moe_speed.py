@@ -194,8 +194,9 @@ def main():
         print("RESULT " + json.dumps(fn(shapes[0], overrides, args.variant, args.steps, args.blocks)), flush=True)
         return
 
-    from qwen_jax.config import config_from_dict, num_params
+    from qwen_jax.config import config_from_dict
     from qwen_jax.metrics import flops_per_token
+    from qwen_jax.model import num_params
 
     rows = []
     for shape in shapes:

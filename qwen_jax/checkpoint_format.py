@@ -133,16 +133,23 @@ def honour_umask(path: str) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
-def atomic_replace(dst: str, write) -> None:
+def atomic_replace(dst: str, write, *, mode: int | None = None, durable: bool = False) -> None:
     """`write(binary file)` into a temporary file beside `dst`, then rename it there: `dst` is old or new, never
-    partial, and gets the mode the umask gives a plain open."""
+    partial, and gets `mode` (default: the mode the umask gives a plain open).  `durable`: fsync before the
+    rename, for files a crash must not take back (a log cut to a checkpoint)."""
     import tempfile
 
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dst)), prefix=f".{os.path.basename(dst)}.tmp-")
     try:
         with os.fdopen(fd, "wb") as out:
             write(out)
-        honour_umask(tmp)
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
+        if mode is None:
+            honour_umask(tmp)
+        else:
+            os.chmod(tmp, mode)
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -150,9 +157,10 @@ def atomic_replace(dst: str, write) -> None:
         raise
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `text` (UTF-8) to `path` atomically (`atomic_replace`)."""
-    atomic_replace(path, lambda out: out.write(text.encode("utf-8")))
+def atomic_write_text(path: str, text: str | bytes, *, mode: int | None = None) -> None:
+    """Write `text` (str as UTF-8, or bytes) to `path` atomically (`atomic_replace`)."""
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    atomic_replace(path, lambda out: out.write(data), mode=mode)
 
 
 def atomic_copy(src: str, dst: str) -> None:

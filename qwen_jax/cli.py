@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 
 
 class UsageError(Exception):
@@ -61,13 +60,4 @@ def read_jsonl(path: str, flag: str) -> list[tuple[int, object]]:
     return out
 
 
-def write_atomic(path: str, data: str | bytes) -> None:
-    """Write `data` to a temp file beside `path`, then rename: never half-written; honours the umask."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    os.replace(tmp, path)
+

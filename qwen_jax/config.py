@@ -527,32 +527,3 @@ def attention_flops_per_token(cfg: QwenConfig, seq_len: int, causal: bool = True
     """Forward attention-score FLOPs per token (QK^T and PV), halved for causal masks."""
     per_token = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
     return per_token / 2 if causal else per_token
-
-
-def num_params(cfg: QwenConfig, include_embedding: bool = True, active: bool = False) -> int:
-    """Parameter count.  `active=True`: what one token touches in a mixture-of-experts model
-    (every dense weight, the router, the shared expert and `num_experts_per_tok` routed
-    experts per sparse layer; embeddings as `include_embedding` says); equals the total for
-    a dense model."""
-    e, m, h, kv, d = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                      cfg.num_key_value_heads, cfg.head_dim)
-    attn = e * h * d + 2 * e * kv * d + h * d * e
-    if cfg.attention_bias:
-        attn += h * d + 2 * kv * d
-        if cfg.family == "qwen3":  # Qwen3's attention_bias also gives o_proj a bias
-            attn += e
-    if cfg.qk_norm:
-        attn += 2 * d
-    total = e
-    for i in range(cfg.num_hidden_layers):
-        total += attn + 2 * e
-        if not cfg.is_sparse(i):
-            total += 3 * e * m
-            continue
-        experts = cfg.num_experts_per_tok if active else cfg.num_experts
-        total += e * cfg.num_experts + experts * 3 * e * cfg.moe_intermediate_size
-        if cfg.shared_expert_intermediate_size:
-            total += 3 * e * cfg.shared_expert_intermediate_size + e
-    if include_embedding:
-        total += cfg.vocab_size * e * (1 if cfg.tie_word_embeddings else 2)
-    return total

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwen_jax.cli import Parser, UsageError, load_model, read_jsonl, write_atomic
+from qwen_jax.checkpoint_format import atomic_write_text
+from qwen_jax.cli import Parser, UsageError, load_model, read_jsonl
 from qwen_jax.sharding import batch_sharding
 from qwen_jax.trainer.loss import logsumexp_one_pass, model_loss_sums
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update(model=os.path.abspath(args.model), data=os.path.abspath(args.data), seq_len=args.seq_len)
     print(format_table(report), flush=True)
     if args.json:
-        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

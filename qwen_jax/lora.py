@@ -434,9 +434,9 @@ def _write_safetensors(path: str, tensors: list[tuple[str, tuple, object, object
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    from qwen_jax.checkpoint_format import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_folder(out: str, fill) -> str:

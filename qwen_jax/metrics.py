@@ -31,7 +31,9 @@ import time
 
 import jax
 
-from qwen_jax.config import QwenConfig, attention_flops_per_token, num_params
+from qwen_jax.checkpoint_format import atomic_replace
+from qwen_jax.config import QwenConfig, attention_flops_per_token
+from qwen_jax.model import num_params
 
 # Dense bf16 peak FLOP/s per device, by substring of `jax.Device.device_kind` (first match wins).
 PEAK_FLOPS = (
@@ -119,12 +121,7 @@ def truncate_jsonl(path: str, last_step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.writelines(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_replace(path, lambda f: f.writelines(keep), durable=True)
     return dropped
 
 

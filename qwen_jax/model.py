@@ -14,7 +14,9 @@ kinds (full vs sliding window) run as separate consecutive scans.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -278,3 +280,26 @@ class Qwen(nnx.Module):
             if stats is not None:
                 total = stats if total is None else jax.tree.map(jnp.add, total, stats)
         return x, total
+
+
+def num_params(cfg: QwenConfig, include_embedding: bool = True, active: bool = False) -> int:
+    """Parameter count, read off the model's abstract state (`nnx.eval_shape`: nothing is allocated), so it is
+    the count of the parameters the model really has.  `active=True`: what one token touches in a
+    mixture-of-experts model (every dense weight, the router, the shared expert and `num_experts_per_tok` routed
+    experts per sparse layer); equals the total for a dense model.  `include_embedding=False` leaves out the
+    input embedding and the untied output projection."""
+    total = 0
+    for path, size in param_sizes(cfg):
+        if not include_embedding and path[0] in ("embed_tokens", "lm_head"):
+            continue
+        if active and "experts" in path:  # routed experts: stacked [..., num_experts, ...]
+            size = size // cfg.num_experts * cfg.num_experts_per_tok
+        total += size
+    return total
+
+
+@functools.lru_cache(maxsize=64)
+def param_sizes(cfg: QwenConfig) -> tuple[tuple[tuple[str, ...], int], ...]:
+    """(path, element count) of every parameter of `Qwen(cfg)`; one abstract evaluation per config."""
+    state = nnx.state(nnx.eval_shape(lambda: Qwen(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    return tuple((tuple(str(k) for k in path), math.prod(leaf.shape)) for path, leaf in nnx.to_flat_state(state))

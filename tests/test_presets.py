@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from configs.model_presets import PRESETS, get_preset, preset_names
-from qwen_jax.config import config_from_dict, num_params, to_hf_dict
+from qwen_jax.config import config_from_dict, to_hf_dict
+from qwen_jax.model import num_params
 
 REAL = [name for name in PRESETS if name != "tiny"]
 

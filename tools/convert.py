@@ -525,9 +525,9 @@ def _check_params(cfg, reader, table, abstract, source: str) -> None:
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    from qwen_jax.checkpoint_format import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _write_config(src: str, dst: str, dtypes: set[str]) -> None:

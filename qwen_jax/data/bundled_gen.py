@@ -14,6 +14,8 @@ import json
 import os
 import random
 
+from qwen_jax.checkpoint_format import atomic_write_text
+
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.",
     "You are a concise assistant. Answer in one or two sentences.",
@@ -159,9 +161,7 @@ def generate(n: int = 400, seed: int = 20250601) -> list[dict]:
 
 def main() -> None:
     path = os.path.join(os.path.dirname(__file__), "bundled", "chat.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        for ex in generate():
-            f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in generate()))
     print(f"wrote {path} ({os.path.getsize(path)} bytes)")
 
 

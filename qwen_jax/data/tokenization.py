@@ -46,6 +46,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from qwen_jax.checkpoint_format import atomic_write_text
 from qwen_jax.config import ConfigError, generation_eos_ids
 from qwen_jax.data.sources import RawRecord
 
@@ -162,15 +163,7 @@ class ChatSetup:
         """Writes the template as ``folder/chat_template.jinja`` (atomically), which transformers prefers over a
         ``tokenizer_config.json`` entry: the folder's tokenizer then renders chats exactly as training did."""
         path = os.path.join(folder, "chat_template.jinja")
-        tmp = os.path.join(folder, f".chat_template.jinja.{os.getpid()}.tmp")
-        try:  # os.open with mode 0o666 honours the umask (a serving user must be able to read it)
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "w", encoding="utf-8") as f:
-                f.write(self.chat_template)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, self.chat_template)  # honours the umask: a serving user must be able to read it
         return path
 
 

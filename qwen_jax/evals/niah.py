@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 
-from qwen_jax.cli import Parser, UsageError, load_model, write_atomic
+from qwen_jax.checkpoint_format import atomic_write_text
+from qwen_jax.cli import Parser, UsageError, load_model
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE_FILLER = ("The river bends past the old mill before it reaches the town. ",
@@ -161,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                       chat=args.chat)
     result["model"] = os.path.abspath(args.model)
     os.makedirs(args.out, exist_ok=True)
-    write_atomic(os.path.join(args.out, "niah.json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_text(os.path.join(args.out, "niah.json"), json.dumps(result, indent=2) + "\n")
     title = f"{args.task}: {os.path.basename(os.path.abspath(args.model))}"
-    write_atomic(os.path.join(args.out, "niah.png"), heatmap_png(result, title))
+    atomic_write_text(os.path.join(args.out, "niah.png"), heatmap_png(result, title))
     print(json.dumps({"accuracy": result["accuracy"], "lengths": lengths, "depths": depths}))
     return 0
 
