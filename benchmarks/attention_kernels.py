@@ -166,12 +166,9 @@ def main():
     p.add_argument("--check", action="store_true", help="first compare packed cuDNN with the reference (batch 2)")
     p.add_argument("--out", default=os.environ.get("OUT", ""))
     args = p.parse_args()
-    try:
-        from absl import flags
+    from absl import flags
 
-        flags.FLAGS.mark_as_parsed()  # tokamax reads absl flags; ours are argparse
-    except ImportError:
-        pass
+    flags.FLAGS.mark_as_parsed()  # tokamax reads absl flags; ours are argparse
     wanted = set(filter(None, args.impls.split(",")))
     device = jax.devices()[0].device_kind
     ceiling = matmul_tflops()

@@ -1,4 +1,4 @@
-"""Ring attention on two GPUs against one GPU holding half the sequence (issue: long context).
+"""Ring attention on two GPUs against one GPU holding half the sequence (long context).
 
     python benchmarks/ring_scaling.py --check                  # cuDNN ring core vs references
     python benchmarks/ring_scaling.py --seqs 65536,131072      # attention + train-step scaling

@@ -36,7 +36,7 @@ the best of the shapes m x k x k in MATMUL_SHAPES is the ceiling (`matmul_flops`
 attention forward FLOPs, N_matmul = all decoder parameters plus the output projection (the
 embedding lookup is no matmul); causal attention forward = 2 * 2 * L * H * D * T / 2 per token
 (half the score matrix).  MFUfull counts attention unmasked (12 * L * H * D * T per token,
-PaLM's convention, the one behind the issue's PyTorch reference figures).  Results: table on stdout, JSON in
+PaLM's convention, the one behind the PyTorch reference figures).  Results: table on stdout, JSON in
 benchmarks/results/train_throughput.json (and --out).
 """
 

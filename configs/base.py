@@ -5,7 +5,7 @@
 Every key can be overridden on the command line (`--config.optimizer.learning_rate=3e-4`; list
 keys as JSON: `--config.data.sources='[{"path": "a.jsonl", "kind": "text"}]'`); an unknown key or
 a value of the wrong type is an error that names the key and lists the valid ones.  The `data`
-block is the data pipeline's (`qwen_jax.data.default_config()`, issue 6).
+block is the data pipeline's (`qwen_jax.data.default_config()`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from qwen_jax.lora import DEFAULT_TARGETS
 
 
 def data_config() -> ml_collections.ConfigDict:
-    """The data pipeline's defaults (`qwen_jax.data.default_config()`), or a minimal stand-in until it lands."""
-    try:
-        from qwen_jax.data import default_config
-    except ImportError:  # pipeline not merged yet: the keys the trainer itself reads
-        return ml_collections.ConfigDict({"global_batch_size": 8, "seq_len": 128, "seed": 0})
+    """The data pipeline's defaults (`qwen_jax.data.default_config()`)."""
+    from qwen_jax.data import default_config
+
     return default_config()
 
 
@@ -84,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.export = "both"  # at the end: merged (<workdir>/hf_export) | adapter (<workdir>/hf_adapter) | both
     c.lora.init_from = ""  # a PEFT adapter folder to continue training (its rank, alpha and targets win)
 
-    # ---- data: the pipeline's own block (issue 6); `synthetic_data` replaces it with random tokens
+    # ---- data: the pipeline's own block; `synthetic_data` replaces it with random tokens
     c.data = data_config()
     c.synthetic_data = False  # random tokens from (seed, step): tests and throughput runs
 
@@ -95,6 +93,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.batches = 4  # the same first N held-out batches every time (global batches of data.global_batch_size)
 
     # ---- end of training
-    c.export_hf = True  # export a Hugging Face folder at the end (needs tools/convert.py)
+    c.export_hf = True  # export a Hugging Face folder at the end
     c.export_hf_dir = ""  # "" = <workdir>/hf_export
     return c

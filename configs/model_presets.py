@@ -163,7 +163,7 @@ PRESETS: dict[str, dict] = {
     ),
     # Qwen/Qwen2.5-3B.  Read: shared/reference/qwen-configs/real/Qwen2.5-3B (from
     # github.com/citsjtu2020/LLM-Prof sglang/Model_Config.md).  32768 positions as published
-    # (the pre-discussion-#2 state; the 1.5B sibling was moved to 131072).
+    # (the 1.5B sibling's published config was later moved to 131072).
     "qwen2.5-3b": _qwen2(
         vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
         num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,

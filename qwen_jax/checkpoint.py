@@ -105,12 +105,6 @@ class Checkpointer:
     def damaged_directory(self) -> str:
         return self.directory + ".damaged"
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
     def step_folders(self) -> list[int]:
         """Numbered step folders on disk, newest first (also the ones Orbax does not list, e.g. empty ones)."""
         if not os.path.isdir(self.directory):
@@ -124,7 +118,7 @@ class Checkpointer:
         folder = os.path.join(self.directory, str(step))
         if not os.listdir(folder):
             return "empty step folder"
-        if step not in self.all_steps():
+        if step not in self.manager.all_steps():
             return "not a finished Orbax checkpoint"
         for item in ITEMS + (("data",) if with_data else ()):
             path = os.path.join(folder, item)

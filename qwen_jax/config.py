@@ -135,10 +135,6 @@ class QwenConfig:
         return (self.is_moe and layer not in self.mlp_only_layers
                 and (layer + 1) % self.decoder_sparse_step == 0)
 
-    @property
-    def num_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def replace(self, **overrides) -> QwenConfig:
         """A copy with overrides; an unknown key is an error that lists the valid ones."""
         valid = {f.name for f in dataclasses.fields(self)}

@@ -17,7 +17,7 @@ batch, padding included):
   recomputation is not counted (it is "model" FLOPs utilisation).
 
 `flops_per_token(cfg, T, causal=False)` is the other convention in use (PaLM's appendix B, and the
-reference figures of this project's GPU-speed issue): attention counted as if unmasked,
+PyTorch reference MFU figures in benchmarks/README.md): attention counted as if unmasked,
 12 * L * H * D * T per token.  It gives higher MFU for the same step; the trainer logs the causal
 one, and `benchmarks/train_throughput.py` prints both, labelled.
 """

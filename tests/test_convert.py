@@ -10,21 +10,19 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
+from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from qwen_jax import checkpoint_format as cf  # noqa: E402
-from qwen_jax import from_pretrained  # noqa: E402
-from qwen_jax.config import ConfigError, config_from_dict, load_hf_config  # noqa: E402
-from qwen_jax.hf_io import CheckpointError, TensorReader, abstract_model, parse_size  # noqa: E402
-from tools import convert  # noqa: E402
+from qwen_jax import checkpoint_format as cf
+from qwen_jax import from_pretrained
+from qwen_jax.config import ConfigError, config_from_dict, load_hf_config
+from qwen_jax.hf_io import CheckpointError, TensorReader, abstract_model, parse_size
+from tools import convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_FILES = {

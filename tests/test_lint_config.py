@@ -288,7 +288,7 @@ def test_generation_config_wins_over_config(tmp_path):
 
 
 def test_chat_finetune_of_base_with_chat_tokenizer(tmp_path):
-    """The issue's headline bug: a base config (eos 151643) shipped with the instruct tokenizer."""
+    """The headline bug: a base config (eos 151643) shipped with the instruct tokenizer."""
     make(tmp_path, BASE, {"bos_token_id": 151643, "eos_token_id": 151643})
     copy_tokenizer(tmp_path)  # its eos_token is <|im_end|>
     got = rules(tmp_path)

@@ -126,15 +126,6 @@ def test_resume_when_already_done_is_a_no_op(reference):
     assert tl.losses(workdir) == ref
 
 
-def _has_pipeline() -> bool:
-    try:
-        import qwen_jax.data  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_pipeline(), reason="qwen_jax.data (issue 6) not merged yet")
 def test_demo_pipeline_sigkill_resumes_exactly(tmp_path):
     """The real pipeline (bundled chat set, Qwen tokenizer, grain iterator state in the checkpoint)."""
     args = ["--config=configs/demo.py", "--config.data.seq_len=64", "--config.data.global_batch_size=4",

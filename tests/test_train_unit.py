@@ -143,7 +143,7 @@ def test_flops_convention():
     # causal attention, fwd+bwd: 12 * L * H * D * T / 2
     L, H, D = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
     assert 3 * attention_flops_per_token(cfg, 4096) == 12 * L * H * D * 4096 / 2
-    # PaLM's convention (unmasked attention), the one the GPU-speed issue's reference MFU figures use
+    # PaLM's convention (unmasked attention), the one the PyTorch reference MFU figures use
     assert flops_per_token(cfg, 4096, causal=False) == 6 * n + 12 * L * H * D * 4096
     assert peak_flops_per_device(123.0) == 123.0
     assert peak_flops_per_device() is None  # CPU: MFU n/a

@@ -628,10 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM -> SystemExit, so the temporary output folder is removed on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    with contextlib.suppress(ImportError):
-        from absl import logging as absl_logging
+    from absl import logging as absl_logging
 
-        absl_logging.set_verbosity(absl_logging.ERROR)
+    absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         if args.command == "merge-lora":
             run_lora_command(args)

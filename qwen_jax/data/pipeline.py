@@ -234,9 +234,6 @@ class BatchIterator(grain.DatasetIterator):
             self._chunk = collections.deque()
             self._skip = self._next_doc % self._p.chunk_size  # documents of the first chunk already consumed
 
-    def start_prefetch(self) -> None:
-        self._ensure_doc_it()
-
     def close(self) -> None:
         if self._doc_it is not None and hasattr(self._doc_it, "close"):
             self._doc_it.close()

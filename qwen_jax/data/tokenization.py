@@ -374,7 +374,3 @@ def assistant_spans(text: str) -> list[tuple[int, int]]:
                        "markers: cannot tell which tokens are the assistant's output")
     return spans
 
-
-def tokenizer_info(path: str) -> dict[str, Any]:
-    tok = load_tokenizer(path)
-    return {"eos": tok.eos_token, "eos_id": tok.eos_token_id, "vocab": len(tok)}

@@ -7,10 +7,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def dtype_of(name: str):
-    return jnp.dtype(name)
-
-
 def param(rngs: nnx.Rngs | None, init, shape, axes, param_dtype) -> nnx.Param:
     """An nnx.Param with its logical `axes` (read by qwen_jax.sharding) and storage dtype.
 
