@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qwen_jax.checkpoint_format import atomic_replace  # noqa: E402
+from qwen_jax.atomic import atomic_replace  # noqa: E402
 
 _WORD_TEXT = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "

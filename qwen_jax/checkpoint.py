@@ -14,7 +14,7 @@ mid-save resumes from the previous complete checkpoint.  A step that does not re
 truncated file, a missing item, an empty stray folder) is moved to `<workdir>/checkpoints.damaged/`
 and the next older one is used (`Checkpointer.restore_latest`).
 
-Everything written here honours the process umask (`checkpoint_format.honour_umask`), so a serving process of
+Everything written here honours the process umask (`qwen_jax.atomic`), so a serving process of
 another user can read checkpoints and exports.
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import re
@@ -35,7 +34,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from qwen_jax.checkpoint_format import TOKENIZER_FILES, atomic_copy, atomic_write_text, copy_side_files
+from qwen_jax.atomic import atomic_copy, atomic_write_json
+from qwen_jax.checkpoint_format import TOKENIZER_FILES, copy_side_files
 from qwen_jax.config import QwenConfig, to_hf_dict
 
 log = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ def write_side_files(ckpt_dir: str, cfg: QwenConfig, *, hf_source: str | None = 
         hf_config = to_hf_dict(cfg)
         if chat_tokenizer:  # trained on ChatML turns: like Qwen's Instruct configs, stop at <|im_end|>
             hf_config["eos_token_id"] = QWEN_CHAT_EOS[0]
-        atomic_write_text(os.path.join(ckpt_dir, "config.json"), json.dumps(hf_config, indent=2) + "\n")
+        atomic_write_json(os.path.join(ckpt_dir, "config.json"), hf_config)
     written.append("config.json")
     src_gen = os.path.join(hf_source, "generation_config.json") if hf_source else None
     if src_gen and os.path.exists(src_gen):
@@ -349,7 +349,7 @@ def write_side_files(ckpt_dir: str, cfg: QwenConfig, *, hf_source: str | None = 
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos if len(eos) != 1 else eos[0]}
         if cfg.pad_token_id is not None:
             gen["pad_token_id"] = cfg.pad_token_id
-        atomic_write_text(os.path.join(ckpt_dir, "generation_config.json"), json.dumps(gen, indent=2) + "\n")
+        atomic_write_json(os.path.join(ckpt_dir, "generation_config.json"), gen)
     written.append("generation_config.json")
     for folder in (hf_source, tokenizer_dir):
         if folder and os.path.isdir(folder):

@@ -43,16 +43,16 @@ checked against orbax-checkpoint 0.12.8; tests round-trip through the public
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from qwen_jax.atomic import atomic_copy
 
 PARAMS_ITEM = "params"
 # The tokenizer and its chat template, as a Hugging Face folder holds them.
@@ -99,78 +99,6 @@ def copy_side_files(src: str, dst: str, skip: Sequence[str] = ()) -> list[str]:
         atomic_copy(os.path.join(src, name), os.path.join(dst, name))
         copied.append(name)
     return copied
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where Linux shows it (umask() itself sets it)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def honour_umask(path: str) -> None:
-    """Give `path` (a file, or a folder and everything below) the modes a plain mkdir/open would have.
-
-    tempfile.mkstemp/mkdtemp create 0600/0700 whatever the umask; files renamed into place from
-    there would be unreadable to the other users the umask allows (a serving process, say).
-    """
-    mask = current_umask()
-    if os.path.isdir(path) and not os.path.islink(path):
-        for root, _dirs, files in os.walk(path):
-            os.chmod(root, 0o777 & ~mask)
-            for name in files:
-                full = os.path.join(root, name)
-                if not os.path.islink(full):
-                    os.chmod(full, 0o666 & ~mask)
-    else:
-        os.chmod(path, 0o666 & ~mask)
-
-
-def atomic_replace(dst: str, write, *, mode: int | None = None, durable: bool = False) -> None:
-    """`write(binary file)` into a temporary file beside `dst`, then rename it there: `dst` is old or new, never
-    partial, and gets `mode` (default: the mode the umask gives a plain open).  `durable`: fsync before the
-    rename, for files a crash must not take back (a log cut to a checkpoint)."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dst)), prefix=f".{os.path.basename(dst)}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            write(out)
-            if durable:
-                out.flush()
-                os.fsync(out.fileno())
-        if mode is None:
-            honour_umask(tmp)
-        else:
-            os.chmod(tmp, mode)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str | bytes, *, mode: int | None = None) -> None:
-    """Write `text` (str as UTF-8, or bytes) to `path` atomically (`atomic_replace`)."""
-    data = text.encode("utf-8") if isinstance(text, str) else text
-    atomic_replace(path, lambda out: out.write(data), mode=mode)
-
-
-def atomic_copy(src: str, dst: str) -> None:
-    """Copy the bytes of `src` to `dst` atomically (`atomic_replace`)."""
-
-    def copy(out):
-        with open(src, "rb") as f:
-            shutil.copyfileobj(f, out, 1 << 20)
-
-    atomic_replace(dst, copy)
 
 
 # ---------------------------------------------------------------- lazily produced arrays

@@ -23,7 +23,6 @@ set in the model's config.json) shows per bucket.  Bad input: one line `error: .
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import sys
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwen_jax.checkpoint_format import atomic_write_text
+from qwen_jax.atomic import atomic_write_json
 from qwen_jax.cli import Parser, UsageError, load_model, read_jsonl
 from qwen_jax.sharding import batch_sharding
 from qwen_jax.trainer.loss import logsumexp_one_pass, model_loss_sums
@@ -244,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update(model=os.path.abspath(args.model), data=os.path.abspath(args.data), seq_len=args.seq_len)
     print(format_table(report), flush=True)
     if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.json, report)
     return 0
 
 

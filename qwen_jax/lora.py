@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen_jax.atomic import atomic_write_json
 from qwen_jax.dtypes import FLOAT_DTYPES
 
 ADAPTERS = ("lora_a", "lora_b")
@@ -433,12 +434,6 @@ def _write_safetensors(path: str, tensors: list[tuple[str, tuple, object, object
     writer.close()
 
 
-def _write_json(path: str, obj) -> None:
-    from qwen_jax.checkpoint_format import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
 def write_folder(out: str, fill) -> str:
     """Write a folder atomically: `fill(tmp)` writes into a temporary folder that then replaces `out`."""
     tmp = _atomic_folder(out)
@@ -495,7 +490,7 @@ def export_adapter(ckpt_dir: str, step: int, spec: LoraSpec, out: str) -> str:
 
         def fill(tmp):
             _write_safetensors(os.path.join(tmp, ADAPTER_WEIGHTS), tensors)
-            _write_json(os.path.join(tmp, ADAPTER_CONFIG), adapter_config(spec, modules))
+            atomic_write_json(os.path.join(tmp, ADAPTER_CONFIG), adapter_config(spec, modules))
 
         return write_folder(out, fill)
     finally:
@@ -548,7 +543,7 @@ def _write_config(src: str, dst: str, dtypes: set[str]) -> None:
     if len(dtypes) == 1:
         for k in [k for k in ("dtype", "torch_dtype") if k in raw] or ["dtype"]:
             raw[k] = next(iter(dtypes))
-    _write_json(dst, raw)
+    atomic_write_json(dst, raw)
 
 
 # ---------------------------------------------------------------- merging a PEFT adapter into a Hugging Face folder

@@ -31,7 +31,7 @@ import time
 
 import jax
 
-from qwen_jax.checkpoint_format import atomic_replace
+from qwen_jax.atomic import atomic_replace
 from qwen_jax.config import QwenConfig, attention_flops_per_token
 from qwen_jax.model import num_params
 

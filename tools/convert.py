@@ -35,6 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen_jax.atomic import atomic_write_json
+from qwen_jax.dtypes import FLOAT_DTYPES, dtype_name, numpy_dtype
+
 log = logging.getLogger("qwen_convert")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -105,7 +108,7 @@ def atomic_output(out_dir: str, overwrite: bool, sources: tuple[str, ...] = ()) 
     else by two renames, and the old one is removed.  The folder gets the mode the umask gives
     a new folder (mkdtemp makes it 0700, which a serving process of another user cannot read).
     """
-    from qwen_jax.checkpoint_format import honour_umask
+    from qwen_jax.atomic import honour_umask
 
     out = os.path.abspath(out_dir)
     for src in sources:
@@ -162,8 +165,6 @@ def _nested_set(tree: dict, path: tuple[str, ...], value) -> None:
 def _target_dtype(dtype: str | None) -> np.dtype | None:
     if dtype is None:
         return None
-    from qwen_jax.dtypes import FLOAT_DTYPES, dtype_name, numpy_dtype
-
     if str(dtype).lower() == "keep":
         return None
     if dtype_name(dtype) not in FLOAT_DTYPES:
@@ -331,7 +332,7 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, step: int | None = None, dtype: str
             weight_map = {e[0]: fname for shard, fname in zip(shards, files, strict=True) for e in shard}
             _with_disk_errors(lambda: _write_shards(tmp, files, shards, table, plan, reader, bar), out)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
+            atomic_write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
             cf.copy_side_files(ckpt_dir, tmp, skip=("config.json",))
             dtypes = {np.dtype(e[4]).name for e in plan}
             _write_config(os.path.join(ckpt_dir, "config.json"), os.path.join(tmp, "config.json"), dtypes)
@@ -524,12 +525,6 @@ def _check_params(cfg, reader, table, abstract, source: str) -> None:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
 
 
-def _write_json(path: str, obj) -> None:
-    from qwen_jax.checkpoint_format import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
 def _write_config(src: str, dst: str, dtypes: set[str]) -> None:
     """Copy the source config.json verbatim; only its dtype key follows an export dtype change."""
     with open(src, encoding="utf-8") as f:
@@ -541,7 +536,7 @@ def _write_config(src: str, dst: str, dtypes: set[str]) -> None:
         return
     for k in keys:
         raw[k] = dtype
-    _write_json(dst, raw)
+    atomic_write_json(dst, raw)
 
 
 # ---------------------------------------------------------------- config linter

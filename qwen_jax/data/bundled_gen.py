@@ -14,7 +14,7 @@ import json
 import os
 import random
 
-from qwen_jax.checkpoint_format import atomic_write_text
+from qwen_jax.atomic import atomic_write_text
 
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.",

@@ -46,7 +46,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from qwen_jax.checkpoint_format import atomic_write_text
+from qwen_jax.atomic import atomic_write_text
 from qwen_jax.config import ConfigError, generation_eos_ids
 from qwen_jax.data.sources import RawRecord
 

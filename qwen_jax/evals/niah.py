@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from qwen_jax.checkpoint_format import atomic_write_text
+from qwen_jax.atomic import atomic_write_json, atomic_write_text
 from qwen_jax.cli import Parser, UsageError, load_model
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                       chat=args.chat)
     result["model"] = os.path.abspath(args.model)
     os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(os.path.join(args.out, "niah.json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_json(os.path.join(args.out, "niah.json"), result)
     title = f"{args.task}: {os.path.basename(os.path.abspath(args.model))}"
     atomic_write_text(os.path.join(args.out, "niah.png"), heatmap_png(result, title))
     print(json.dumps({"accuracy": result["accuracy"], "lengths": lengths, "depths": depths}))

@@ -49,7 +49,7 @@ def export_hf(ckpt_dir: str, out_dir: str, step: int, *, what: str = "Hugging Fa
     """
     import jax
 
-    from qwen_jax.checkpoint_format import atomic_write_text, honour_umask
+    from qwen_jax.atomic import atomic_write_json, honour_umask
     from qwen_jax.metrics import say
     from tools.convert import ConvertError, orbax_to_hf
 
@@ -68,8 +68,7 @@ def export_hf(ckpt_dir: str, out_dir: str, step: int, *, what: str = "Hugging Fa
             orbax_to_hf(ckpt_dir, staging, step=step)
         else:
             build(staging)
-        atomic_write_text(os.path.join(staging, EXPORT_RECORD),
-                          json.dumps({"step": step, "checkpoints": ckpt_dir}) + "\n")
+        atomic_write_json(os.path.join(staging, EXPORT_RECORD), {"step": step, "checkpoints": ckpt_dir})
         honour_umask(staging)
         if os.path.lexists(out_dir):
             os.rename(out_dir, retired)
