@@ -143,7 +143,7 @@ def run(config, workdir: str, hooks=()) -> int:
             del params
             say(f"initialised from {source}; checkpoints in {ckpt_dir}")
         if pidx == 0:
-            tok_dir = None if config.synthetic_data else tokenizer_dir(config.data)
+            tok_dir = None if config.synthetic_data else pipeline_tokenizer_dir(config.data)
             hf_source = config.model.init_from if source != "preset" else None
             on_save_errors(lambda: ckpt_lib.write_side_files(ckpt_dir, cfg, hf_source=hf_source,
                                                              tokenizer_dir=tok_dir),
@@ -294,11 +294,11 @@ def nonfinite_values(metrics: dict) -> str:
     return "non-finite " + (", ".join(bad) or "values")
 
 
-def tokenizer_dir(data_cfg) -> str | None:
-    """The tokenizer folder the data pipeline uses (copied next to the checkpoints)."""
-    from qwen_jax.data.tokenization import tokenizer_dir as find_tokenizer_dir
+def pipeline_tokenizer_dir(data_cfg) -> str | None:
+    """The tokenizer folder the data pipeline uses (copied next to the checkpoints), if it is a folder."""
+    from qwen_jax.data.tokenization import tokenizer_dir
 
-    folder = find_tokenizer_dir(data_cfg.get("tokenizer", ""), data_cfg.get("model_dir", ""))
+    folder = tokenizer_dir(data_cfg.get("tokenizer", ""), data_cfg.get("model_dir", ""))
     return folder if folder and os.path.isdir(folder) else None
 
 

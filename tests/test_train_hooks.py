@@ -1,0 +1,65 @@
+"""The training loop's hooks (`qwen_jax/trainer/hooks.py`), by an in-process run with an extra recording hook:
+which events arrive, in which order, with which values, against the run's own metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from configs.base import get_config
+from qwen_jax.trainer.hooks import Hook
+from qwen_jax.trainer.loop import run
+
+TOTAL, SAVE_EVERY, BATCH, SEQ = 4, 2, 8, 32
+
+
+class Recorder(Hook):
+    def __init__(self):
+        self.events = []
+        self.losses = {}
+
+    def on_step_end(self, step, metrics, info):
+        self.events.append(("metrics", step))
+        self.losses[step] = metrics["loss"]
+        assert info.tokens == BATCH * SEQ and info.seq_len == SEQ and info.step_time > 0
+
+    def on_state(self, step, loop):
+        if step == 3:  # a hook that reads the state first syncs: this step's metrics arrive before it goes on
+            loop.sync()
+            assert int(loop.state["step"]) == 3
+        self.events.append(("state", step))
+
+    def on_checkpoint(self, step):
+        self.events.append(("checkpoint", step))
+
+    def on_finish(self, step, completed):
+        self.events.append(("finish", step, completed))
+
+    def close(self):
+        self.events.append(("close",))
+
+
+@pytest.mark.slow  # one in-process compile of the train step
+def test_hooks_see_every_step_in_order_and_the_logged_metrics(tmp_path):
+    c = get_config()
+    c.synthetic_data = True
+    c.model.overrides = "vocab_size=512"
+    c.model.dtype = "float32"
+    c.mesh.fsdp = -1
+    c.data.seq_len, c.data.global_batch_size = SEQ, BATCH
+    c.total_steps, c.save_every, c.export_hf = TOTAL, SAVE_EVERY, False
+    recorder = Recorder()
+    assert run(c, str(tmp_path / "w"), hooks=[recorder]) == 0
+    assert recorder.events == [
+        ("state", 1),
+        ("metrics", 1), ("state", 2), ("metrics", 2), ("checkpoint", 2),  # a checkpoint waits for its metrics
+        ("metrics", 3), ("state", 3),  # synced by the hook itself
+        ("state", 4), ("metrics", 4), ("checkpoint", 4),
+        ("finish", 4, True), ("close",),
+    ]
+    logged = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in logged)
+    assert {r["step"]: r["loss"] for r in logged} == recorder.losses
