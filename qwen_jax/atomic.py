@@ -2,7 +2,8 @@
 file beside the target, then a rename), so a reader or a killed process never sees half a file, and the
 result has the mode a plain `open` would give under the process umask (a serving user can read it).
 
-Standard library only: the config linter (`qwen_jax.lint`, which loads no numerical library) uses it too.
+Standard library only, so a writer needs no numerical library to use it.  The one writer that does not use it is
+the config linter's `--fix` (`qwen_jax/lint/fix.py`): the pre-commit hook ships `qwen_jax/lint/` alone.
 """
 
 from __future__ import annotations

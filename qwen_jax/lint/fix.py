@@ -1,5 +1,5 @@
 """`--fix`: apply the findings' unambiguous edits to the JSON text in place (key order, indentation and the rest of
-the file kept), written atomically (`qwen_jax.atomic`), printing a unified diff."""
+the file kept), through a temporary file and `os.replace`, printing a unified diff."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import os
 import re
 
-from qwen_jax.atomic import atomic_write_text
 from qwen_jax.lint.linter import lint_folder
 
 
@@ -69,6 +68,7 @@ def plan_edits(jf, edits):
 def apply_fixes(folder, out):
     """Apply the unambiguous fixes of `folder`; print a unified diff per changed file. Returns changed paths."""
     import difflib  # only --fix needs these: a plain lint (the pre-commit hook) starts faster without them
+    import tempfile
 
     by_file = {}
     for fd in folder.findings:
@@ -95,10 +95,18 @@ def apply_fixes(folder, out):
         out.write("".join(diff))
         if not text.endswith("\n") and jf.text.endswith("\n"):
             text += "\n"
-        mode = None  # a fixed file keeps its mode
-        with contextlib.suppress(OSError):
-            mode = os.stat(jf.path).st_mode & 0o7777
-        atomic_write_text(jf.path, text, mode=mode)
+        d = os.path.dirname(os.path.abspath(jf.path))
+        fd_, tmp = tempfile.mkstemp(prefix=".qwen-lint-", dir=d)
+        try:
+            with os.fdopen(fd_, "w", encoding="utf-8", newline="") as fh:
+                fh.write(text)
+            with contextlib.suppress(OSError):
+                os.chmod(tmp, os.stat(jf.path).st_mode & 0o7777)
+            os.replace(tmp, jf.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
         changed.append(jf.path)
     return changed
 
