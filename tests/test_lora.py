@@ -278,3 +278,115 @@ def test_tensor_mesh_scan_remat_blockwise_train_the_same(base, trained, tmp_path
     np.testing.assert_allclose([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=2e-5)
     assert os.path.isdir(os.path.join(workdir, "hf_adapter")) and not os.path.exists(
         os.path.join(workdir, "hf_export"))
+
+
+# ---------------------------------------------------------------- a bf16 base through a progressive length schedule
+SCHEDULE = "32:0,64:3"  # global batch 8 x 32 for steps 1-3, then 4 x 64 (tokens per batch held)
+BF16_ARGS = [
+    "--config.lora.rank=4", "--config.lora.alpha=8", "--config.lora.base_dtype=bfloat16",
+    f"--config.data.seq_len_schedule={SCHEDULE}", "--config.total_steps=6", "--config.save_every=3",
+    "--config.export_hf=true", "--config.optimizer.learning_rate=1e-2", "--config.optimizer.warmup_steps=0",
+    "--config.optimizer.schedule=constant", "--config.keep_checkpoints=2",
+]
+
+
+@pytest.fixture(scope="module")
+def bf16_scheduled(base, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("lora_bf16_schedule"))
+    result = tl.run(workdir, f"--config.model.init_from={base}", *BF16_ARGS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return workdir, result.stdout
+
+
+@pytest.mark.slow
+def test_schedule_changes_the_batch_shape_and_base_stays_bit_identical(base, bf16_scheduled):
+    from qwen_jax.data.schedule import parse_schedule
+    from qwen_jax.trainer.synthetic import SyntheticBatches
+
+    workdir, stdout = bf16_scheduled
+    assert "data schedule: 8 x 32 from step 0, 4 x 64 from step 3" in stdout
+    # each step's loss-token count is that of the synthetic batch of its stage's shape (they differ per shape)
+    records = {r["step"]: r for r in tl.all_records(workdir) if "loss" in r}
+    assert sorted(records) == list(range(1, 7))
+    scheduled = SyntheticBatches(8, 32, 512, stages=parse_schedule(SCHEDULE, seq_len=32, global_batch_size=8))
+    fixed = SyntheticBatches(8, 32, 512)
+    for step, rec in records.items():
+        batch = scheduled.global_batch(step - 1)
+        assert batch["input_ids"].shape == ((8, 32) if step <= 3 else (4, 64))
+        assert rec["loss_tokens"] == float(batch["loss_mask"].sum()), step
+        if step > 3:
+            assert rec["loss_tokens"] != float(fixed.global_batch(step - 1)["loss_mask"].sum()), step
+
+    # the frozen base (stored in bf16) is bit-identical to the Hugging Face base loaded in bf16
+    params = lora_lib.flatten(cf.restore_params(os.path.join(workdir, "checkpoints")))
+    start = lora_lib.flatten(nnx.to_pure_dict(nnx.state(qwen_jax.from_pretrained(base, param_dtype="bfloat16"),
+                                                        nnx.Param)))
+    assert {p for p in params if not lora_lib.is_adapter(p)} == set(start)
+    for path, value in start.items():
+        assert params[path].dtype == value.dtype == jnp.bfloat16, path
+        np.testing.assert_array_equal(np.asarray(params[path]), np.asarray(value), err_msg=path)
+
+
+@pytest.mark.slow
+def test_bf16_base_trains_and_exports_for_peft(base, bf16_scheduled):
+    from qwen_jax.data.schedule import parse_schedule
+    from qwen_jax.trainer.loss import reference_loss
+    from qwen_jax.trainer.synthetic import SyntheticBatches
+
+    workdir, _ = bf16_scheduled
+    assert all(np.isfinite(v) for v in tl.losses(workdir).values())
+    ckpt = os.path.join(workdir, "checkpoints")
+    params = lora_lib.flatten(cf.restore_params(ckpt))
+    cfg = load_hf_config(ckpt)
+
+    # the loss decreases: the batches the run trained on, through the model at step 0 (B = 0), 3 and 6
+    data = SyntheticBatches(8, 32, 512, stages=parse_schedule(SCHEDULE, seq_len=32, global_batch_size=8))
+    batches = [data.global_batch(k) for k in range(6)]
+    graphdef = lora_lib.abstract_model(cfg, lora_lib.LoraSpec(rank=4, alpha=8.0))[0]
+    forward = jax.jit(lambda m, b: reference_loss(m(b["input_ids"], b["positions"], b["segment_ids"]), b["targets"],
+                                                  b["loss_mask"]))
+
+    def mean_loss(flat):
+        model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, lora_lib.unflatten(flat)))
+        return float(np.mean([forward(model, b) for b in batches]))
+
+    at = {step: mean_loss(lora_lib.flatten(cf.restore_params(ckpt, step))) for step in (3, 6)}
+    at[0] = mean_loss({p: (np.zeros_like(v) if p.endswith("lora_b") else v) for p, v in params.items()})
+    print(f"[lora] bf16 base: mean loss over the trained batches at steps 0 / 3 / 6: {at[0]:.4f} / {at[3]:.4f} / "
+          f"{at[6]:.4f}")
+    assert at[6] < at[3] < at[0]
+
+    # storage: the base in bf16 (half the bytes of the float32 Hugging Face base), the adapters in float32
+    base_params = {p: v for p, v in params.items() if not lora_lib.is_adapter(p)}
+    adapters = {p: v for p, v in params.items() if lora_lib.is_adapter(p)}
+    assert len(adapters) == 2 * 7 and all(v.dtype == jnp.float32 for v in adapters.values())
+    fp32 = lora_lib.flatten(nnx.to_pure_dict(nnx.state(qwen_jax.from_pretrained(base), nnx.Param)))
+    assert all(v.dtype == jnp.float32 for v in fp32.values())
+    assert sum(v.nbytes for v in base_params.values()) * 2 == sum(v.nbytes for v in fp32.values())
+
+    # the merged export is a bf16 Hugging Face folder
+    merged = os.path.join(workdir, "hf_export")
+    with open(os.path.join(merged, "config.json")) as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(merged, "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())  # noqa: SIM118 (safe_open is not iterable)
+        assert names and {f.get_slice(n).get_dtype() for n in names} == {"BF16"}
+
+    # the adapter loads with peft on the bf16-rounded base and gives our logits; the merged folder is close to them
+    peft = _peft()
+    ids = random_ids(2, 20, vocab=512)
+    hf_base = _hf(base)
+    with torch.no_grad():  # the parameters only (`.to(bfloat16)` would round the rotary inv_freq buffer too)
+        for p in hf_base.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    base_logits = hf_logits(hf_base, ids)
+    ref = hf_logits(peft.PeftModel.from_pretrained(hf_base, os.path.join(workdir, "hf_adapter")).eval(), ids)
+    ours = _our_logits(cfg, lora_lib.LoraSpec(rank=4, alpha=8.0), lora_lib.unflatten(params), ids)
+    err_ours = _maxdiff(ours, ref)
+    err_merged = _maxdiff(hf_logits(_hf(merged), ids), ref)
+    err_base = _maxdiff(base_logits, ref)
+    print(f"[lora] bf16 base: ours vs peft {err_ours:.2e}; merged bf16 folder vs peft {err_merged:.2e}; "
+          f"(base vs peft {err_base:.2e})")
+    assert err_ours <= JAX_TOL and err_base > 100 * JAX_TOL and err_merged < err_base / 20
