@@ -390,3 +390,74 @@ def test_bf16_base_trains_and_exports_for_peft(base, bf16_scheduled):
     print(f"[lora] bf16 base: ours vs peft {err_ours:.2e}; merged bf16 folder vs peft {err_merged:.2e}; "
           f"(base vs peft {err_base:.2e})")
     assert err_ours <= JAX_TOL and err_base > 100 * JAX_TOL and err_merged < err_base / 20
+
+
+# ---------------------------------------------------------------- the same update on any mesh / remat / accumulation
+def _lora_updates(mesh_shape: dict, *, remat: str = "none", accum: int = 1, steps: int = 2):
+    """(per-step losses, adapters after `steps`, the params) of the trainer's LoRA step on a tiny float32 model
+    (8 x 32 batches of synthetic data), on `mesh_shape` over the first devices it needs.
+
+    AdamW with eps 1e-4: with the default 1e-8 a gradient element within float noise of zero takes a sign-like
+    step, so summation order alone (accumulation, sharded sums) moves such an element by up to lr."""
+    from configs.base import get_config
+    from configs.model_presets import get_preset
+    from qwen_jax import sharding
+    from qwen_jax.config import config_from_dict
+    from qwen_jax.trainer import train_step as ts
+    from qwen_jax.trainer.synthetic import SyntheticBatches
+
+    c = get_config()
+    c.optimizer.warmup_steps, c.optimizer.learning_rate, c.optimizer.schedule = 0, 1e-2, "constant"
+    c.optimizer.eps = 1e-4
+    cfg = config_from_dict(get_preset("tiny"), vocab_size=512, dtype="float32", remat=remat)
+    spec = lora_lib.LoraSpec(rank=4, alpha=8.0)
+    n = int(np.prod(list(mesh_shape.values())))
+    mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:n])
+    graphdef, abstract, p_sh = ts.param_shardings(cfg, mesh, spec)
+    params = lora_lib.add_adapters(ts.init_params(cfg, 0, lora_lib.base_only(p_sh)), cfg, spec, abstract, p_sh, 0)
+    freeze = lora_lib.freeze_base(opt_lib.resolve_freeze(abstract), abstract, spec)
+    tx, sched = opt_lib.make_optimizer(abstract, c.optimizer, 10, freeze)
+    state_sh = ts.state_shardings(tx, abstract, p_sh, mesh)
+    state = ts.init_state(params, tx, 0, state_sh)
+    batch_sh = ts.batch_shardings(mesh, 8, 32)
+    step = ts.make_train_step(graphdef, tx, sched, freeze, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
+                              chunk_size=16, grad_accum_steps=accum)
+    data = SyntheticBatches(8, 32, 512)
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, {k: jax.device_put(v, batch_sh[k]) for k, v in next(data).items()})
+        losses.append(float(metrics["loss"]))
+    adapters = {p: np.asarray(v) for p, v in lora_lib.flatten(state["params"]).items() if lora_lib.is_adapter(p)}
+    return losses, adapters, state["params"]
+
+
+@pytest.fixture(scope="module")
+def one_device_update():
+    return _lora_updates({"fsdp": 1})
+
+
+def _assert_same_update(got, ref, what, tol=1e-5):
+    """Losses within `tol` relative; every adapter within `tol` of its own norm (both steps moved them)."""
+    (got_losses, got_adapters, _), (ref_losses, ref_adapters, _) = got, ref
+    np.testing.assert_allclose(got_losses, ref_losses, rtol=tol, err_msg=what)
+    worst = max(np.linalg.norm(got_adapters[p] - ref_adapters[p]) / np.linalg.norm(ref_adapters[p])
+                for p in ref_adapters)
+    print(f"[lora] {what}: losses {got_losses} vs {ref_losses}; worst |adapter - ref| / |ref| {worst:.1e}")
+    assert worst <= tol, what
+    assert min(np.linalg.norm(ref_adapters[p]) for p in ref_adapters if p.endswith("lora_b")) > 0  # B moved
+
+
+@pytest.mark.slow
+def test_fsdp_tensor_mesh_equals_one_device(one_device_update):
+    """8 devices (data 2 x fsdp 2 x tensor 2): adapters sharded like their kernels, the same two steps."""
+    got = _lora_updates({"data": 2, "fsdp": 2, "tensor": 2})
+    _assert_same_update(got, one_device_update, "data 2 x fsdp 2 x tensor 2 vs one device")
+    a, b = got[2]["layers"]["mlp"]["up_proj"]["lora_a"], got[2]["layers"]["mlp"]["up_proj"]["lora_b"]
+    assert a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None) and len(a.sharding.device_set) == 8
+    assert b.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+
+
+@pytest.mark.slow
+def test_remat_and_grad_accumulation_give_the_same_update(one_device_update):
+    _assert_same_update(_lora_updates({"fsdp": 1}, remat="full"), one_device_update, "remat full vs none")
+    _assert_same_update(_lora_updates({"fsdp": 1}, accum=2), one_device_update, "grad accumulation 2 vs 1")
