@@ -184,6 +184,72 @@ def apply_overrides(config, values: dict[str, Any]) -> None:
         node[last] = value
 
 
+# ---------------------------------------------------------------- distributed
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """How this process joins a multi-process run (`jax.distributed.initialize` arguments), or None fields."""
+
+    coordinator_address: str | None
+    num_processes: int | None
+    process_id: int | None
+
+    @property
+    def multi_process(self) -> bool:
+        return bool(self.coordinator_address) and (self.num_processes or 1) > 1
+
+
+DISTRIBUTED_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+                   "process_id": "JAX_PROCESS_ID"}
+
+
+def distributed_settings(mode: str, coordinator_address: str | None, num_processes: int | None,
+                         process_id: int | None, environ) -> Distributed:
+    """The `--coordinator_address/--num_processes/--process_id` flags, each falling back to its JAX_* variable,
+    checked as a set: a coordinator needs both partners (and they it), 0 <= process id < processes.
+
+    Checked before `jax.distributed.initialize`, which would otherwise wait for a coordinator that never comes
+    or fail deep inside with a traceback.  With `--distributed=auto|off` the explicit flags have no effect, so
+    giving them is an error too."""
+    flags_given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+                   "process_id": process_id}
+    if mode != "env":
+        given = [f"--{k}" for k, v in flags_given.items() if v is not None]
+        if given:
+            raise RunConfigError(f"{', '.join(given)}: not used with --distributed={mode} (only with "
+                                 "--distributed=env, the default)")
+        return Distributed(None, None, None)
+    names, values = {}, {}
+    for key, flag_value in flags_given.items():
+        env_value = environ.get(DISTRIBUTED_ENV[key]) or None
+        names[key] = f"--{key}" if flag_value is not None else DISTRIBUTED_ENV[key]
+        if flag_value is not None or env_value is None:
+            values[key] = flag_value
+        elif key == "coordinator_address":
+            values[key] = env_value
+        else:
+            try:
+                values[key] = int(env_value)
+            except ValueError:
+                raise RunConfigError(f"{DISTRIBUTED_ENV[key]}={env_value!r}: expected an integer") from None
+    address, count, index = values["coordinator_address"], values["num_processes"], values["process_id"]
+    present = [names[k] for k, v in values.items() if v is not None]
+    missing = [f"--{k} (or {DISTRIBUTED_ENV[k]})" for k, v in values.items() if v is None]
+    if present and missing:
+        raise RunConfigError(f"{' and '.join(present)} given without {' and '.join(missing)}: a multi-process run "
+                             "needs all three (docs/training.md)")
+    if not present:
+        return Distributed(None, None, None)
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RunConfigError(f"{names['coordinator_address']}={address!r}: expected host:port")
+    if count < 1:
+        raise RunConfigError(f"{names['num_processes']}={count}: must be >= 1")
+    if not 0 <= index < count:
+        raise RunConfigError(f"{names['process_id']}={index}: must be in [0, {count}) "
+                             f"({names['num_processes']}={count})")
+    return Distributed(address, count, index)
+
+
 # ---------------------------------------------------------------- run settings
 def _number(config, key: str):
     node = config
