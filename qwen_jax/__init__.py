@@ -10,7 +10,8 @@ Public surface (kept stable):
 
 from qwen_jax.config import ConfigError, QwenConfig, config_from_dict, load_hf_config
 from qwen_jax.generation import generate
-from qwen_jax.hf_io import CheckpointError, from_pretrained, load_model
+from qwen_jax.hf.models import from_pretrained, load_model
+from qwen_jax.hf.safetensors_io import CheckpointError
 from qwen_jax.model import Qwen
 
 __all__ = [

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from configs.model_presets import get_preset
+from qwen_jax.presets import get_preset
 from tools import lint_config as lc
 
 ROOT = Path(__file__).resolve().parents[1]
