@@ -57,10 +57,10 @@ def build_lora_step(preset: str, seq: int, batch: int, variant: str, rank: int, 
     import numpy as np
 
     from configs.base import get_config
-    from configs.model_presets import get_preset
     from qwen_jax import lora as lora_lib
     from qwen_jax import sharding
     from qwen_jax.config import config_from_dict
+    from qwen_jax.presets import get_preset
     from qwen_jax.trainer import optimizer as opt
     from qwen_jax.trainer import train_step as ts
 
@@ -118,7 +118,7 @@ def worker_torch(preset, seq, batch, variant, steps, blocks, rank):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from configs.model_presets import get_preset
+    from qwen_jax.presets import get_preset
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = get_preset(preset)
@@ -193,7 +193,7 @@ def main():
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    from configs.model_presets import PRESETS as MODEL_PRESETS
+    from qwen_jax.presets import PRESETS as MODEL_PRESETS
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     torch_variants = [] if args.skip_torch else [v.strip() for v in args.torch_variants.split(",") if v.strip()]

@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- model: where the initial parameters come from
     c.model = ml_collections.ConfigDict()
-    c.model.preset = "tiny"  # configs/model_presets.py name, used when init_from is empty
+    c.model.preset = "tiny"  # qwen_jax/presets.py name, used when init_from is empty
     c.model.init_from = ""  # "" = random init of the preset; a Hugging Face folder; or an Orbax checkpoint dir
     c.model.init_step = -1  # Orbax init_from: which step (-1 = latest)
     c.model.overrides = ""  # architecture overrides, "key=value,key=value" (e.g. "vocab_size=512")
@@ -95,6 +95,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.batches = 4  # the same first N held-out batches every time (global batches of data.global_batch_size)
 
     # ---- end of training
-    c.export_hf = True  # export a Hugging Face folder at the end (needs tools/convert.py)
+    c.export_hf = True  # export a Hugging Face folder at the end (qwen_jax.hf.export)
     c.export_hf_dir = ""  # "" = <workdir>/hf_export
     return c

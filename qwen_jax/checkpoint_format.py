@@ -75,9 +75,9 @@ def side_files(folder: str) -> list[str]:
     """Names of the Hugging Face side files present in `folder` (config, generation config, tokenizer).
 
     A side file that is a symlink must resolve inside the folder or into a Hugging Face cache
-    blob (`qwen_jax.hf_io.inside_model_folder`); otherwise this raises `CheckpointError`.
+    blob (`qwen_jax.hf.safetensors_io.inside_model_folder`); otherwise this raises `CheckpointError`.
     """
-    from qwen_jax.hf_io import inside_model_folder
+    from qwen_jax.hf.safetensors_io import inside_model_folder
 
     present = []
     for name in sorted(os.listdir(folder)):

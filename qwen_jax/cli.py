@@ -27,8 +27,8 @@ def load_model(path: str, step: int | None, dtype: str, *, tokenizer: bool):
     """(model, tokenizer or None) of a Hugging Face folder or checkpoints dir; bad paths are `UsageError`s."""
     from qwen_jax.config import ConfigError
     from qwen_jax.data.tokenization import has_tokenizer, load_tokenizer
-    from qwen_jax.hf_io import CheckpointError
-    from qwen_jax.hf_io import load_model as load
+    from qwen_jax.hf.models import load_model as load
+    from qwen_jax.hf.safetensors_io import CheckpointError
 
     if not os.path.isdir(path):
         raise UsageError(f"--model {path}: not a directory")

@@ -389,8 +389,8 @@ def init_source(path: str) -> str:
 
 def model_config(config) -> tuple[QwenConfig, str, dict]:
     """(QwenConfig, source kind 'preset' | 'hf' | 'orbax', the QwenConfig overrides applied)."""
-    from configs.model_presets import get_preset
     from qwen_jax.config import config_from_dict, load_hf_config
+    from qwen_jax.presets import get_preset
 
     m = config.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, remat=m.remat,
@@ -421,17 +421,18 @@ def check_init_shapes(cfg: QwenConfig, source: str, path: str, step: int | None)
 
     Reads only the safetensors headers (or index) and the Orbax array metadata: a folder whose
     config.json disagrees with its weights fails here, before any parameter is allocated."""
-    from qwen_jax import hf_io
+    from qwen_jax.hf.models import abstract_model, flat_paths
+    from qwen_jax.hf.safetensors_io import CheckpointError, TensorReader, check_tensors
 
-    _, abstract_state = hf_io.abstract_model(cfg)
+    _, abstract_state = abstract_model(cfg)
     if source == "hf":
         try:
-            reader = hf_io.TensorReader(path)
+            reader = TensorReader(path)
             try:
-                hf_io.check_tensors(cfg, reader, hf_io.flat_paths(abstract_state), path)
+                check_tensors(cfg, reader, flat_paths(abstract_state), path)
             finally:
                 reader.close()
-        except hf_io.CheckpointError as e:
+        except CheckpointError as e:
             raise RunConfigError(f"config key 'model.init_from': {e}") from None
         return
     from flax import nnx

@@ -13,7 +13,7 @@ One code path for one CPU, one GPU, a GPU node or a TPU pod slice:
 5. the loop: per-process data -> global arrays -> jitted step; metrics every step; asynchronous
    checkpoints every `save_every` steps and at the end; on SIGTERM a checkpoint of the current
    step, then exit 0;
-6. at the end, export a Hugging Face folder (when `tools/convert.py` is available).
+6. at the end, export a Hugging Face folder (`qwen_jax.hf.export`).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def run(config, workdir: str) -> int:
             if source == "preset":
                 params = ts.init_params(cfg, int(config.seed), base_sh)
             elif source == "hf":
-                from qwen_jax.hf_io import from_pretrained
+                from qwen_jax.hf.models import from_pretrained
 
                 model = from_pretrained(config.model.init_from, mesh=mesh, **overrides)
                 params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -465,13 +465,10 @@ def export_hf(ckpt_dir: str, out_dir: str, step: int, *, what: str = "Hugging Fa
     import jax
 
     from qwen_jax.checkpoint_format import honour_umask
+    from qwen_jax.hf.export import orbax_to_hf
+    from qwen_jax.hf.output import ConvertError
     from qwen_jax.metrics import say
 
-    try:
-        from tools.convert import ConvertError, orbax_to_hf
-    except ImportError:
-        say("HF export skipped: tools/convert.py is not available")
-        return
     if jax.process_index() != 0:
         return
     if exported_step(out_dir) == step:
@@ -545,7 +542,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is written for the user (one line naming the flag, key or file): `fail` prints them."""
     from qwen_jax.config import ConfigError
     from qwen_jax.data import BadRecordError, DataError
-    from qwen_jax.hf_io import CheckpointError
+    from qwen_jax.hf.safetensors_io import CheckpointError
     from qwen_jax.lora import LoraError
     from qwen_jax.trainer.optimizer import FreezeError
 

@@ -54,8 +54,8 @@ def _forward(model, ids):
 def test_config_keys():
     """MoE keys read with transformers' defaults, written back by to_hf_dict; v5's num_local_experts spelling;
     a depth override keeps the derived layer kinds in step."""
-    from configs.model_presets import get_preset
     from qwen_jax.config import config_from_dict, to_hf_dict
+    from qwen_jax.presets import get_preset
 
     raw = get_preset("qwen3-30b-a3b")
     cfg = config_from_dict(raw)
@@ -225,7 +225,7 @@ def test_train_step_expert_mesh_equals_one_device(folders):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2_mixed_untied", "qwen3_mixed_tied"])
 def test_convert_round_trip_bit_exact(folders, tmp_path, name):
-    from tools import convert
+    from qwen_jax.hf import convert
 
     folder = folders[name][0]
     ckpt = convert.hf_to_orbax(str(folder), str(tmp_path / "ckpt"))

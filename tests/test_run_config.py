@@ -41,18 +41,19 @@ def _hf_folder_with_wrong_config(folder):
     """Every tensor a Qwen2 with intermediate_size 96 has (zeros; only the header matters), config.json saying 128."""
     from safetensors.numpy import save_file
 
-    from qwen_jax import hf_io
     from qwen_jax.config import config_from_dict
+    from qwen_jax.hf.models import abstract_model, flat_paths
+    from qwen_jax.hf.names import hf_names, hf_shape, param_table
 
     raw = {"model_type": "qwen2", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96,
            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
     cfg = config_from_dict(raw)
-    abstract = hf_io.flat_paths(hf_io.abstract_model(cfg)[1])
+    abstract = flat_paths(abstract_model(cfg)[1])
     tensors = {}
-    for spec in hf_io.param_table(cfg):
+    for spec in param_table(cfg):
         shape = abstract[spec.path].shape
-        for name in hf_io.hf_names(spec, cfg.num_hidden_layers):
-            tensors[name] = np.zeros(hf_io.hf_shape(spec, shape[1:] if spec.stacked else shape), np.float32)
+        for name in hf_names(spec, cfg.num_hidden_layers):
+            tensors[name] = np.zeros(hf_shape(spec, shape[1:] if spec.stacked else shape), np.float32)
     folder.mkdir()
     save_file(tensors, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({**raw, "intermediate_size": 128}))
