@@ -400,9 +400,9 @@ def _lora_updates(mesh_shape: dict, *, remat: str = "none", accum: int = 1, step
     AdamW with eps 1e-4: with the default 1e-8 a gradient element within float noise of zero takes a sign-like
     step, so summation order alone (accumulation, sharded sums) moves such an element by up to lr."""
     from configs.base import get_config
-    from qwen_jax.presets import get_preset
     from qwen_jax import sharding
     from qwen_jax.config import config_from_dict
+    from qwen_jax.presets import get_preset
     from qwen_jax.trainer import train_step as ts
     from qwen_jax.trainer.synthetic import SyntheticBatches
 
