@@ -160,7 +160,7 @@ def all_to_all_experts(x, weights, experts, w_gate, w_up, w_down):
 EXPERT_DISPATCH = {"all_to_all": all_to_all_experts, "all_gather": all_gather_experts}
 
 
-def expert_parallel_swiglu(x, weights, experts, w_gate, w_up, w_down, dispatch: str = "all_to_all"):
+def expert_parallel_swiglu(x, weights, experts, w_gate, w_up, w_down, dispatch: str):
     """`grouped_swiglu` with the experts split over the `expert` mesh axis: a `shard_map` manual in that
     axis only (data/fsdp/tensor stay automatic), tokens and experts split over it, each shard storing
     and computing 1/size of the experts.  `dispatch` (`QwenConfig.moe_dispatch`) picks how token rows
