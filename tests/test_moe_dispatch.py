@@ -81,7 +81,7 @@ def _one_device(routing: str, experts_per_shard: int):
 
 @pytest.mark.parametrize("routing", ["balanced", "one_shard"])
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-@pytest.mark.parametrize("dispatch", ["all_to_all", "all_gather"])
+@pytest.mark.parametrize("dispatch", ["all_to_all", pytest.param("all_gather", marks=pytest.mark.slow)])
 def test_expert_parallel_layer_equals_one_device(dispatch, mesh_name, routing):
     """Outputs, router statistics and gradients (parameters and input) equal one device to float32 rounding."""
     mesh = sharding.make_mesh(MESHES[mesh_name])
