@@ -36,7 +36,7 @@ import types
 import typing
 from typing import Any
 
-from qwen_jax.config import ConfigError, QwenConfig
+from qwen_jax.config import MOE_DISPATCHES, ConfigError, QwenConfig
 from qwen_jax.data.errors import DataError
 from qwen_jax.data.schedule import Stage, packing_lanes, parse_schedule
 
@@ -283,6 +283,9 @@ def check_run_settings(config) -> None:
                 math.isfinite(value) and low <= value <= high):
             interval = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
             raise RunConfigError(f"config key 'optimizer.{key}' must be a finite number {interval}, got {value!r}")
+    if config.model.moe_dispatch not in MOE_DISPATCHES:
+        raise RunConfigError(f"config key 'model.moe_dispatch' must be {' | '.join(MOE_DISPATCHES)}, "
+                             f"got {config.model.moe_dispatch!r}")
     if config.get("nonfinite", "stop") not in ("stop", "skip"):
         raise RunConfigError(f"config key 'nonfinite' must be stop | skip, got {config.nonfinite!r}")
     z = config.loss.z_loss
@@ -394,7 +397,7 @@ def model_config(config) -> tuple[QwenConfig, str, dict]:
 
     m = config.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, remat=m.remat,
-               scan_layers=bool(m.scan_layers))
+               scan_layers=bool(m.scan_layers), moe_dispatch=m.moe_dispatch)
     arch = parse_model_overrides(m.overrides)
     if not m.init_from:
         try:

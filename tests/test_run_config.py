@@ -92,6 +92,8 @@ BAD = [
     ("lr_nan", {"optimizer.learning_rate": float("nan")}, ["'optimizer.learning_rate'", "nan"]),
     ("lr_schedule", {"optimizer.schedule": "cosin"}, ["'optimizer.schedule'", "'cosin'"]),
     ("preset", {"model.preset": "qwen9-1b"}, ["'model.preset'", "'qwen9-1b'", "tiny"]),
+    ("moe_dispatch", {"model.moe_dispatch": "alltoall"}, ["'model.moe_dispatch'", "all_to_all | all_gather",
+                                                          "'alltoall'"]),
     ("overrides_type", {"model.overrides": "vocab_size=abc"}, ["'model.overrides'", "vocab_size", "'abc'"]),
     ("overrides_key", {"model.overrides": "vocab_sise=3"}, ["'model.overrides'", "'vocab_sise'"]),
     ("overrides_value", {"model.overrides": "vocab_size=-3"}, ["'vocab_size'", "-3"]),

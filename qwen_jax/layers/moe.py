@@ -11,8 +11,10 @@ computed, whatever the load.
 
 Expert weights are stacked `[experts, ...]` with the logical axis `experts`, which
 `qwen_jax.sharding` maps to the `expert` mesh axis (expert parallelism): each device stores
-and computes its own experts (`expert_parallel_swiglu`); an expert count the axis does not
-divide falls back to one grouped computation that XLA's partitioner distributes.
+and computes its own experts (`expert_parallel_swiglu`), the token rows reaching them by an
+all-to-all of the routed rows (default) or an all-gather of all rows (`QwenConfig.moe_dispatch`);
+an expert count the axis does not divide falls back to one grouped computation that XLA's
+partitioner distributes.
 
 The router also returns the statistics the load-balancing loss needs (per-expert top-k
 counts and probability sums, the z-loss sum), so training needs no second pass over the
@@ -104,24 +106,67 @@ def expert_axis_size() -> int:
     return 1 if mesh.empty or "expert" not in mesh.axis_names else int(mesh.shape["expert"])
 
 
-def expert_parallel_swiglu(x, weights, experts, w_gate, w_up, w_down):
-    """`grouped_swiglu` with the experts split over the `expert` mesh axis (a `shard_map` manual in
-    that axis only; data/fsdp/tensor stay automatic): each device all-gathers the token rows of the
-    axis, computes its own experts' assignments, and the partial outputs are reduce-scattered back
-    to the token shards.  Each device stores 1/size of the expert weights and its groups hold only
-    the rows routed to its experts (the rows routed elsewhere lie past the last group, where
-    `ragged_dot` writes zeros); the exchange is an all-gather plus a reduce-scatter of
-    [tokens, embed], not an all-to-all of the routed rows."""
+def all_gather_experts(x, weights, experts, w_gate, w_up, w_down):
+    """One `expert` shard's routed experts, all-gather dispatch (inside `expert_parallel_swiglu`'s shard_map):
+    gather every token row of the axis, compute the assignments of this shard's experts (the others sort
+    past the last group and count zero), reduce-scatter the partial outputs back to the token shards."""
     def gather(a):
         return jax.lax.all_gather(a, "expert", tiled=True)
 
-    def local(x, weights, experts, w_gate, w_up, w_down):
-        first = jax.lax.axis_index("expert") * w_gate.shape[0]
-        y = grouped_swiglu(gather(x), gather(weights), gather(experts), w_gate, w_up, w_down, first_expert=first)
-        return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+    first = jax.lax.axis_index("expert") * w_gate.shape[0]
+    y = grouped_swiglu(gather(x), gather(weights), gather(experts), w_gate, w_up, w_down, first_expert=first)
+    return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
 
+
+def all_to_all_experts(x, weights, experts, w_gate, w_up, w_down):
+    """One `expert` shard's routed experts, all-to-all dispatch (inside `expert_parallel_swiglu`'s shard_map).
+
+    The shard's n*k (token, expert) assignments are sorted by expert, hence by the shard that holds
+    the expert, and each assignment's token row is sent to that shard only; the owner computes its
+    experts over the rows it received (one `ragged_dot` per projection) and sends the outputs back
+    the same way; the sender weights them and sums over k.  `jax.lax.all_to_all` exchanges equal
+    blocks, so each destination's block is sized for the dropless worst case: a token has at most
+    min(k, local experts) of its k distinct experts on one shard, so n * min(k, local) rows (unused
+    rows are zeros with an out-of-range expert id, which `grouped_swiglu` sorts last and counts zero).
+    """
+    n, k = experts.shape
+    size = jax.lax.axis_size("expert")
+    local = w_gate.shape[0]
+    block = n * min(k, local)
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # by expert, so by destination shard, local experts in order
+    dest = flat // local
+    counts = jnp.bincount(dest, length=size)
+    starts = jnp.cumsum(counts) - counts
+    slot = jnp.arange(block)
+    used = slot[None, :] < counts[:, None]  # [size, block]
+    picked = jnp.take(order, jnp.minimum(starts[:, None] + slot[None, :], n * k - 1))  # assignment per slot
+    send_rows = jnp.where(used[..., None], jnp.take(x, picked // k, axis=0), jnp.zeros((), x.dtype))
+    send_ids = jnp.where(used, jnp.take(flat, picked) - jnp.arange(size)[:, None] * local, local)
+
+    def exchange(a):  # block d goes to shard d; the blocks received are stacked in source order
+        return jax.lax.all_to_all(a.reshape(size * block, *a.shape[2:]), "expert", 0, 0, tiled=True)
+
+    rows, ids = exchange(send_rows), exchange(send_ids)
+    y = grouped_swiglu(rows, jnp.ones((size * block, 1), x.dtype), ids[:, None], w_gate, w_up, w_down)
+    back = exchange(y.reshape(size, block, -1))  # each output to the slot its row was sent from
+    sorted_dest = jnp.take(dest, order)
+    sent_from = sorted_dest * block + jnp.arange(n * k) - jnp.take(starts, sorted_dest)  # slot of sorted row j
+    per_assignment = jnp.take(back, jnp.take(sent_from, jnp.argsort(order)), axis=0)  # (token, k) order
+    out = per_assignment * weights.reshape(n * k, 1).astype(per_assignment.dtype)
+    return jnp.sum(out.reshape(n, k, -1), axis=1).astype(x.dtype)
+
+
+EXPERT_DISPATCH = {"all_to_all": all_to_all_experts, "all_gather": all_gather_experts}
+
+
+def expert_parallel_swiglu(x, weights, experts, w_gate, w_up, w_down, dispatch: str):
+    """`grouped_swiglu` with the experts split over the `expert` mesh axis: a `shard_map` manual in that
+    axis only (data/fsdp/tensor stay automatic), tokens and experts split over it, each shard storing
+    and computing 1/size of the experts.  `dispatch` (`QwenConfig.moe_dispatch`) picks how token rows
+    reach their experts' shards: `all_to_all_experts` or `all_gather_experts`."""
     spec = jax.sharding.PartitionSpec("expert")
-    return jax.shard_map(local, in_specs=(spec,) * 6, out_specs=spec, axis_names={"expert"},
+    return jax.shard_map(EXPERT_DISPATCH[dispatch], in_specs=(spec,) * 6, out_specs=spec, axis_names={"expert"},
                          check_vma=False)(x, weights, experts, w_gate, w_up, w_down)
 
 
@@ -132,6 +177,7 @@ class Experts(nnx.Module):
         e, m, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         init = normal(cfg.initializer_range)
         self.dtype = dtype
+        self.dispatch = cfg.moe_dispatch
         self.gate_proj = param(rngs, init, (n, e, m), ("experts", "embed", "moe_mlp"), param_dtype)
         self.up_proj = param(rngs, init, (n, e, m), ("experts", "embed", "moe_mlp"), param_dtype)
         self.down_proj = param(rngs, init, (n, m, e), ("experts", "moe_mlp", "embed"), param_dtype)
@@ -140,7 +186,7 @@ class Experts(nnx.Module):
         w = [p.value.astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         size = expert_axis_size()
         if size > 1 and w[0].shape[0] % size == 0 and x.shape[0] % size == 0:
-            return expert_parallel_swiglu(x.astype(self.dtype), weights, experts, *w)
+            return expert_parallel_swiglu(x.astype(self.dtype), weights, experts, *w, dispatch=self.dispatch)
         return grouped_swiglu(x.astype(self.dtype), weights, experts, *w)
 
 
