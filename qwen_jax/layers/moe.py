@@ -5,9 +5,9 @@ As transformers computes it: router logits -> float32 softmax -> top-k (renormal
 Qwen2-MoE adds a shared SwiGLU expert scaled by sigmoid(shared_expert_gate(x)).
 
 Dropless: no capacity factor.  The N*k (token, expert) assignments are sorted by expert, the
-rows gathered, and each projection is one grouped matmul (`jax.lax.ragged_dot`) over the
-contiguous expert groups; the outputs are un-permuted and summed over k.  Every token is
-computed, whatever the load.
+rows gathered, and each projection is one grouped matmul (`grouped_matmul`: `ragged_dot`, or
+Mosaic-GPU kernels on Hopper) over the contiguous expert groups; the outputs are un-permuted and
+summed over k.  Every token is computed, whatever the load.
 
 Expert weights are stacked `[experts, ...]` with the logical axis `experts`, which
 `qwen_jax.sharding` maps to the `expert` mesh axis (expert parallelism): each device stores
@@ -21,6 +21,7 @@ router logits.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -29,6 +30,7 @@ from flax import nnx
 
 from qwen_jax.config import QwenConfig
 from qwen_jax.layers.common import normal, param
+from qwen_jax.layers.grouped_matmul import grouped_matmul
 from qwen_jax.layers.linear import Linear
 from qwen_jax.layers.mlp import MLP
 from qwen_jax.sharding import constrain
@@ -75,13 +77,13 @@ def router_z_loss(stats: RouterStats) -> jax.Array:
     return stats.z / jnp.maximum(stats.tokens, 1.0)
 
 
-def grouped_swiglu(x, weights, experts, w_gate, w_up, w_down, first_expert=0):
+def grouped_swiglu(x, weights, experts, w_gate, w_up, w_down, first_expert=0, moe_matmul="auto"):
     """Dropless routed experts: x [n, e], weights/experts [n, k], w_gate/w_up [E, e, m], w_down [E, m, e] -> [n, e].
 
     Assignments are sorted by expert (stable, so equal experts keep token order) and each
-    projection is one `ragged_dot` over the expert groups.  The weights may hold only experts
-    `first_expert .. first_expert + E - 1` (expert parallelism): assignments to other experts sort
-    after every group and contribute zero.
+    projection is one `grouped_matmul` (`moe_matmul`: its implementation) over the expert groups.
+    The weights may hold only experts `first_expert .. first_expert + E - 1` (expert parallelism):
+    assignments to other experts sort after every group and contribute zero.
     """
     n, k = experts.shape
     local = w_gate.shape[0]
@@ -91,8 +93,9 @@ def grouped_swiglu(x, weights, experts, w_gate, w_up, w_down, first_expert=0):
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=local + 1)[:local].astype(jnp.int32)
     rows = jnp.take(x, order // k, axis=0)  # [n*k, e], grouped by expert
-    h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, group_sizes)) * jax.lax.ragged_dot(rows, w_up, group_sizes)
-    out = jax.lax.ragged_dot(h.astype(x.dtype), w_down, group_sizes)
+    dot = functools.partial(grouped_matmul, group_sizes=group_sizes, implementation=moe_matmul)
+    h = jax.nn.silu(dot(rows, w_gate)) * dot(rows, w_up)
+    out = dot(h.astype(x.dtype), w_down)
     scale = jnp.where(mine, weights, jnp.zeros_like(weights)).reshape(-1)
     out = out * jnp.take(scale, order)[:, None].astype(out.dtype)
     unsorted = jnp.take(out, jnp.argsort(order), axis=0)  # back to (token, k) order
@@ -104,7 +107,7 @@ def expert_axis_size() -> int:
     return 1 if mesh.empty or "expert" not in mesh.axis_names else int(mesh.shape["expert"])
 
 
-def expert_parallel_swiglu(x, weights, experts, w_gate, w_up, w_down):
+def expert_parallel_swiglu(x, weights, experts, w_gate, w_up, w_down, moe_matmul="auto"):
     """`grouped_swiglu` with the experts split over the `expert` mesh axis (a `shard_map` manual in
     that axis only; data/fsdp/tensor stay automatic): each device all-gathers the token rows of the
     axis, computes its own experts' assignments, and the partial outputs are reduce-scattered back
@@ -117,7 +120,8 @@ def expert_parallel_swiglu(x, weights, experts, w_gate, w_up, w_down):
 
     def local(x, weights, experts, w_gate, w_up, w_down):
         first = jax.lax.axis_index("expert") * w_gate.shape[0]
-        y = grouped_swiglu(gather(x), gather(weights), gather(experts), w_gate, w_up, w_down, first_expert=first)
+        y = grouped_swiglu(gather(x), gather(weights), gather(experts), w_gate, w_up, w_down, first_expert=first,
+                           moe_matmul=moe_matmul)
         return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
 
     spec = jax.sharding.PartitionSpec("expert")
@@ -132,6 +136,7 @@ class Experts(nnx.Module):
         e, m, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         init = normal(cfg.initializer_range)
         self.dtype = dtype
+        self.moe_matmul = cfg.moe_matmul
         self.gate_proj = param(rngs, init, (n, e, m), ("experts", "embed", "moe_mlp"), param_dtype)
         self.up_proj = param(rngs, init, (n, e, m), ("experts", "embed", "moe_mlp"), param_dtype)
         self.down_proj = param(rngs, init, (n, m, e), ("experts", "moe_mlp", "embed"), param_dtype)
@@ -140,8 +145,8 @@ class Experts(nnx.Module):
         w = [p.value.astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         size = expert_axis_size()
         if size > 1 and w[0].shape[0] % size == 0 and x.shape[0] % size == 0:
-            return expert_parallel_swiglu(x.astype(self.dtype), weights, experts, *w)
-        return grouped_swiglu(x.astype(self.dtype), weights, experts, *w)
+            return expert_parallel_swiglu(x.astype(self.dtype), weights, experts, *w, moe_matmul=self.moe_matmul)
+        return grouped_swiglu(x.astype(self.dtype), weights, experts, *w, moe_matmul=self.moe_matmul)
 
 
 class SparseMoE(nnx.Module):
