@@ -49,7 +49,7 @@ GIB = 2.0**30
 
 def one_line(error: BaseException) -> str:
     lines = [x.strip() for x in str(error).splitlines() if x.strip()]
-    return f"{type(error).__name__}: {' | '.join(lines[:3])}"[:400]
+    return f"{type(error).__name__}: {' / '.join(lines[:3])}"[:400]
 
 
 def group_sizes(rng, rows: int, groups: int, empty: int) -> np.ndarray:
@@ -138,7 +138,36 @@ def child(spec_path: str) -> None:
             reps=len(times), temp_gib=None if temp is None else temp / GIB,
             peak_gib=stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None)))
     except Exception as e:  # a Mosaic compile error, out of memory: one line, the parent goes on
-        print("RESULT " + json.dumps({"error": one_line(e)}))
+        error = one_line(e)
+        if spec["impl"] == "mosaic_gpu":
+            try:
+                error = f"{error} [kernels alone: {diagnose_kernels(*np.load(spec['inputs'])['w'].shape)}]"
+            except Exception as again:
+                error = f"{error} [diagnosis failed: {one_line(again)}]"
+        print("RESULT " + json.dumps({"error": error}))
+
+
+def diagnose_kernels(g: int, k: int, n: int, m: int = 1024) -> str:
+    """Which of the three Mosaic kernels compiles, each alone on aligned zeros (to tell which one fails)."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen_jax.layers.grouped_matmul import KERNEL_ALIGN, MOSAIC_KERNELS, round_up
+
+    k, n = round_up(k, KERNEL_ALIGN), round_up(n, KERNEL_ALIGN)
+    x, dy = jnp.zeros((m, k), jnp.bfloat16), jnp.zeros((m, n), jnp.bfloat16)
+    w = jnp.zeros((g, k, n), jnp.bfloat16)
+    sizes = jnp.full((g,), m // g, jnp.int32).at[0].add(m - (m // g) * g)
+    parts = []
+    for name, kernel, args in (("forward", MOSAIC_KERNELS.forward, (x, w)),
+                               ("input_grad", MOSAIC_KERNELS.input_grad, (dy, w)),
+                               ("weight_grad", MOSAIC_KERNELS.weight_grad, (x, dy))):
+        try:
+            jax.jit(kernel).lower(*args, sizes).compile()
+            parts.append(f"{name} ok")
+        except Exception as e:
+            parts.append(f"{name} fails: {one_line(e)[:150]}")
+    return "; ".join(parts)
 
 
 def rel_error(got: np.ndarray, ref: np.ndarray) -> float:

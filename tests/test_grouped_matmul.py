@@ -1,7 +1,8 @@
 """The MoE grouped matmul (`qwen_jax/layers/grouped_matmul.py`) on CPU: the `xla` implementation is
 `jax.lax.ragged_dot`; `auto` picks it off Hopper; the kernel path's padding, row masking and custom VJP
 wiring, run with XLA's ragged products standing in for the Mosaic-GPU kernels, equal plain `ragged_dot`
-in value and both gradients.  The kernels themselves run on a GPU: benchmarks/grouped_matmul_check.py."""
+in value and both gradients; the real forward kernel, in Pallas' GPU interpreter, equals `ragged_dot`.
+The gradient kernels run only on a GPU: benchmarks/grouped_matmul_check.py."""
 
 from __future__ import annotations
 
@@ -146,3 +147,27 @@ def test_moe_layer_uses_the_configured_implementation(monkeypatch):
     assert calls == ["mosaic_gpu"] * 3
     assert bool(jnp.any(ids == 0))  # some assignments belong to the expert outside this shard
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # the GPU interpreter steps through the kernel's SMs and pipeline stages one by one
+def test_mosaic_forward_kernel_in_gpu_interpret_mode(monkeypatch):
+    """The real forward Mosaic-GPU kernel, run by Pallas' GPU interpreter on CPU (which simulates unwritten memory),
+    through pad_grouped + the row mask: equals bf16 `ragged_dot` with empty first/middle groups and rows past the
+    last group.  (The interpreter cannot run the gradients' transposed shared-memory reads; the GPU check covers
+    them.)"""
+    interpret = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    shim = type("InterpretedMosaicGPU", (), {})()
+    for name in dir(plgpu):
+        if not name.startswith("__"):
+            setattr(shim, name, getattr(plgpu, name))
+    shim.kernel = functools.partial(plgpu.kernel, interpret=interpret.InterpretGPUParams())
+    monkeypatch.setattr(ragged_dot_mgpu, "plgpu", shim)
+    x, w, sizes, _ = _problem(200, 100, 60, [0, 70, 0, 110], dtype=jnp.bfloat16)
+    got = gm.pad_grouped(functools.partial(gm.kernel_grouped_matmul, gm.MOSAIC_KERNELS), x, w, sizes)
+    want = jax.lax.ragged_dot(x, w, sizes)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
+    assert not np.asarray(got, np.float32)[180:].any()

@@ -81,7 +81,10 @@ def mosaic_input_grad(dy, w, group_sizes):
 
 def mosaic_weight_grad(x, dy, group_sizes):
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
-    return transposed_ragged_dot_mgpu.transposed_ragged_dot(x, dy, group_sizes=group_sizes, **WEIGHT_GRAD_BLOCKS)
+    # as JAX's own test of this kernel: its dynamic grid needs standard promotion (Python ints vs int32)
+    with jax.numpy_dtype_promotion("standard"):
+        return transposed_ragged_dot_mgpu.transposed_ragged_dot(x, dy, group_sizes=group_sizes,
+                                                                **WEIGHT_GRAD_BLOCKS)
 
 
 MOSAIC_KERNELS = GroupedKernels(forward=mosaic_forward, input_grad=mosaic_input_grad, weight_grad=mosaic_weight_grad)
