@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention = "auto"  # auto (cuDNN on GPU in 16-bit, else xla) | xla | blockwise | cudnn | kernel | ring
     c.model.remat = "none"  # none | full | dots | dots_no_batch
     c.model.moe_dispatch = "all_to_all"  # mesh expert > 1: all_to_all (routed rows) | all_gather (docs/moe.md)
+    c.model.moe_matmul = "auto"  # MoE experts: auto (Mosaic-GPU on Hopper in 16-bit, else xla) | xla | mosaic_gpu
     c.model.scan_layers = False  # lax.scan over decoder layers: faster compiles for deep models
 
     # ---- mesh: sizes of the named axes; one may be -1 (= the remaining devices)

@@ -28,6 +28,7 @@ MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shar
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise", "ring", "kernel")
 MOE_DISPATCHES = ("all_to_all", "all_gather")  # how token rows reach their experts' shards (docs/moe.md)
+MOE_MATMUL_IMPLS = ("auto", "xla", "mosaic_gpu")  # grouped matmul of the experts (layers/grouped_matmul.py)
 # Keys of a YaRN/linear/dynamic dict we understand; anything else is kept but unused.
 _ROPE_KEYS = {
     "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings",
@@ -95,6 +96,7 @@ class QwenConfig:
     attention_block_size: int = 512  # key/query block for blockwise and ring attention
     # cuDNN packed layout: bound on documents (runs of segment ids) per row; 0 = from the row length
     attention_max_segments: int = 0
+    moe_matmul: str = "auto"  # one of MOE_MATMUL_IMPLS
 
     def __post_init__(self):
         if not self.layer_types:
@@ -203,6 +205,8 @@ class QwenConfig:
             bad("attention", f"must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if self.moe_dispatch not in MOE_DISPATCHES:
             bad("moe_dispatch", f"must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
+        if self.moe_matmul not in MOE_MATMUL_IMPLS:
+            bad("moe_matmul", f"must be one of {MOE_MATMUL_IMPLS}, got {self.moe_matmul!r}")
         if self.remat not in ("none", "full", "dots", "dots_no_batch"):
             bad("remat", f"must be none | full | dots | dots_no_batch, got {self.remat!r}")
         if isinstance(self.attention_max_segments, bool) or not isinstance(self.attention_max_segments, int) \

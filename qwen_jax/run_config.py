@@ -397,7 +397,7 @@ def model_config(config) -> tuple[QwenConfig, str, dict]:
 
     m = config.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, remat=m.remat,
-               scan_layers=bool(m.scan_layers), moe_dispatch=m.moe_dispatch)
+               scan_layers=bool(m.scan_layers), moe_dispatch=m.moe_dispatch, moe_matmul=m.moe_matmul)
     arch = parse_model_overrides(m.overrides)
     if not m.init_from:
         try:
