@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def train(config: str, workdir: str, steps: int | None, log_path: str) -> None:
     if steps is not None:
         cmd += [f"--config.total_steps={steps}", f"--config.save_every={steps}"]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    print("$ " + " ".join(cmd), flush=True)
+    print("$ " + shlex.join(cmd), flush=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
@@ -65,7 +66,7 @@ def evaluate(model: str, mode: str, *, train_length: int, lengths: list[int], de
     argv = ["--model", model, "--task", "passkey", "--lengths", ",".join(map(str, lengths)), "--depths", depths,
             "--trials", str(trials), "--out", folder, "--title", f"passkey, trained at {train_length}: {mode}",
             *mode_flags(mode, train_length)]
-    print(f"$ python -m qwen_jax.evals.niah {' '.join(argv)}", flush=True)
+    print(f"$ python -m qwen_jax.evals.niah {shlex.join(argv)}", flush=True)
     if niah.main(argv):
         raise SystemExit(f"niah failed for mode {mode}")
     shutil.copyfile(os.path.join(folder, "niah.png"), os.path.join(out, f"passkey_{mode}.png"))

@@ -43,6 +43,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.loss.chunk_size = length
     config.data.seq_len = length
     config.data.global_batch_size = 4 if tiny else 32
+    config.data.worker_count = 0 if tiny else 4  # tokenizing ~50 prompts a step must keep up with the GPU
     # the answer (" " + 5 digits) must fit behind the longest prompt in one row
     config.data.sources = [passkey_source(0, length - 8, 32 if tiny else 128)]
     config.eval.sources = [passkey_source(1, length - 8, 32 if tiny else 128)]  # held-out keys and depths
