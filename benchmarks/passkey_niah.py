@@ -11,24 +11,25 @@
    * dca:   `--dca chunk=L` (Dual Chunk Attention, local window L // 8: no relative distance above L).
 3. Writes into `--out`: `passkey_niah.md` (accuracy per mode x length, averaged over depths), `passkey_<mode>.png`
    (depth x length heatmaps), `<mode>/niah.json` (every trial's reply) and `train.log`.  Progress on stdout.
+   The checkpoints stay in `--workdir` (default: a new temporary folder), out of `--out`.
 
 The GPU defaults fit one 600 s call on one H200 with setup and compilation.  Bad input: one line `error: ...`, exit 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
-from qwen_jax.cli import write_atomic  # noqa: E402  (the repository root on sys.path)
+from qwen_jax.cli import Parser, UsageError, write_atomic  # noqa: E402  (the repository root on sys.path)
 
 MODES = ("plain", "yarn", "dca")
 GPU = {"train_length": 1024, "depths": "0,0.25,0.5,0.75,1", "trials": 8, "config": "configs/passkey.py"}
@@ -40,11 +41,12 @@ def mode_flags(mode: str, train_length: int) -> list[str]:
     return {"plain": [], "yarn": ["--rope_scaling", "yarn:4"], "dca": ["--dca", f"chunk={train_length}"]}[mode]
 
 
-def train(config: str, workdir: str, steps: int | None, log_path: str) -> None:
+def train(config: str, workdir: str, steps: int | None, extra: list[str], log_path: str) -> None:
     """Runs the trainer as a user would, its output echoed and kept in `log_path`."""
     cmd = [sys.executable, "-m", "qwen_jax.train", f"--config={config}", f"--workdir={workdir}"]
     if steps is not None:
         cmd += [f"--config.total_steps={steps}", f"--config.save_every={steps}"]
+    cmd += extra
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     print("$ " + shlex.join(cmd), flush=True)
     with open(log_path, "w") as log:
@@ -86,14 +88,21 @@ def table(results: dict[str, dict], train_length: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, 128-token training, 2 steps")
     p.add_argument("--out", required=True, help="folder for the table, heatmaps and niah.json files")
-    p.add_argument("--workdir", default=None, help="training run folder (default: <out>/run)")
+    p.add_argument("--workdir", default=None,
+                   help="training run folder, checkpoints and hf_export (default: a new temporary folder)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    p.add_argument("--train_arg", action="append", default=[],
+                   help="extra trainer flag, repeatable (e.g. --train_arg=--config.optimizer.learning_rate=2e-3)")
     p.add_argument("--skip_train", action="store_true", help="evaluate the existing <workdir>/hf_export")
     p.add_argument("--trials", type=int, default=None, help="prompts per (length, depth) cell")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     preset = TINY if args.tiny else GPU
     steps = 2 if args.tiny and args.steps is None else args.steps
     trials = args.trials or preset["trials"]
@@ -103,16 +112,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {why}", file=sys.stderr)
             return 2
     out = os.path.abspath(args.out)
-    workdir = os.path.abspath(args.workdir or os.path.join(out, "run"))
-    model = os.path.join(workdir, "hf_export")
-    if args.skip_train and not os.path.isdir(model):
-        print(f"error: --skip_train: no trained model at {model}", file=sys.stderr)
+    if args.skip_train and not (args.workdir and os.path.isdir(os.path.join(args.workdir, "hf_export"))):
+        print(f"error: --skip_train needs --workdir of a finished run (with hf_export), got {args.workdir!r}",
+              file=sys.stderr)
         return 2
+    workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="passkey_niah_"))
+    model = os.path.join(workdir, "hf_export")
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     L = preset["train_length"]
     if not args.skip_train:
-        train(preset["config"], workdir, steps, os.path.join(out, "train.log"))
+        train(preset["config"], workdir, steps, args.train_arg, os.path.join(out, "train.log"))
         print(f"trained in {time.perf_counter() - t0:.0f}s", flush=True)
     lengths = [L, 2 * L, 3 * L, 4 * L]
     results = {}

@@ -18,6 +18,7 @@ from configs.base import get_config as base_config
 TRAIN_LENGTH = 1024
 MODEL = ("hidden_size=256,intermediate_size=1024,num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=2,"
          "head_dim=64,rope_theta=10000.0,max_position_embeddings={length}")
+TINY_MODEL = "rope_theta=10000.0,max_position_embeddings={length}"  # the tiny preset's shape
 
 
 def passkey_source(seed: int, max_length: int, min_length: int) -> dict:
@@ -31,7 +32,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     length = 128 if tiny else TRAIN_LENGTH
     config = base_config()
     config.model.preset = "tiny"
-    config.model.overrides = "" if tiny else MODEL.format(length=length)
+    # max_position_embeddings = the train length: YaRN's default original length when evaluating
+    config.model.overrides = (TINY_MODEL if tiny else MODEL).format(length=length)
     config.model.dtype = "float32" if tiny else "bfloat16"
     config.total_steps = 4 if tiny else 2000
     config.save_every = config.total_steps
@@ -47,6 +49,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # the answer (" " + 5 digits) must fit behind the longest prompt in one row
     config.data.sources = [passkey_source(0, length - 8, 32 if tiny else 128)]
     config.eval.sources = [passkey_source(1, length - 8, 32 if tiny else 128)]  # held-out keys and depths
-    config.eval.every = 0 if tiny else 500
+    config.eval.every = 0 if tiny else 1000
     config.eval.batches = 2
     return config

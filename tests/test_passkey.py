@@ -130,8 +130,13 @@ def test_passkey_niah_tiny_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/passkey_niah.py", "--tiny", "--out", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_outputs(out)
+
+
+def check_outputs(out):
+    """The table, heatmaps and per-mode results a `--tiny` run writes, consistent with each other."""
     table = (out / "passkey_niah.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
     assert rows[0] == "| mode | 128 (1x) | 256 (2x) | 384 (3x) | 512 (4x) |"
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| plain", "| yarn", "| dca"]
     for mode in ("plain", "yarn", "dca"):
@@ -146,3 +151,17 @@ def test_passkey_niah_tiny_end_to_end(tmp_path):
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
     assert json.loads((out / "dca" / "niah.json").read_text())["overrides"]["dual_chunk_attention"]["chunk_size"] == 128
     assert "step 2/2" in (out / "train.log").read_text()
+
+
+def test_passkey_niah_script_bad_input(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("passkey_niah", os.path.join(ROOT, "benchmarks", "passkey_niah.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for argv, message in ((["--tiny", "--steps", "0"], "error: --steps must be >= 1"),
+                          (["--skip_train"], "error: --skip_train needs --workdir of a finished run (with hf_export), "
+                                             "got None")):
+        assert script.main([*argv, "--out", str(tmp_path / "o")]) == 2
+        assert capsys.readouterr().err == message + "\n"
+    assert not os.path.exists(tmp_path / "o")
