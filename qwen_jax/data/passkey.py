@@ -59,22 +59,6 @@ def draw_trial(spec: dict, i: int) -> PasskeyTrial:
                         key=int(rng.integers(10 ** (digits - 1), 10 ** digits)))
 
 
-class PasskeySource:
-    """``size`` synthetic records (grain ``RandomAccessDataSource`` protocol); each payload is a trial's dict."""
-
-    def __init__(self, index: int, spec: dict):
-        self.index, self.spec = index, dict(spec)
-
-    def __len__(self) -> int:
-        return int(self.spec["size"])
-
-    def __getitem__(self, i: int):
-        from qwen_jax.data.sources import RawRecord
-
-        i = int(i) % len(self)
-        return RawRecord(self.index, f"passkey[{i}]", dataclasses.asdict(draw_trial(self.spec, i)))
-
-
 class TokenEncoder:
     """The ``encode`` that ``build_prompt`` needs, over a Rust ``tokenizers`` backend (picklable).
 

@@ -81,8 +81,22 @@ def check_weight(w, key: str) -> float:
 def open_source(index: int, spec: dict, strict: bool = True):
     """The record source of one checked ``source_specs`` entry: its files, or a synthetic generator."""
     if spec["kind"] == passkey.KIND:
-        return passkey.PasskeySource(index, spec["synthetic"])
+        return PasskeySource(index, spec["synthetic"])
     return FileSource(index, spec["path"], strict)
+
+
+class PasskeySource:
+    """``size`` generated passkey trials (grain ``RandomAccessDataSource`` protocol); payload = the trial's dict."""
+
+    def __init__(self, index: int, spec: dict):
+        self.index, self.spec = index, dict(spec)
+
+    def __len__(self) -> int:
+        return int(self.spec["size"])
+
+    def __getitem__(self, i: int) -> RawRecord:
+        i = int(i) % len(self)
+        return RawRecord(self.index, f"passkey[{i}]", dataclasses.asdict(passkey.draw_trial(self.spec, i)))
 
 
 def resolve_paths(path: str, key: str = "data source") -> list[str]:
