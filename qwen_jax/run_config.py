@@ -516,7 +516,8 @@ def check_data(data_cfg, stages: list[Stage], process_count: int) -> None:
 
     try:
         for i, s in enumerate(source_specs(data_cfg.sources)):
-            resolve_paths(s["path"], f"data.sources[{i}].path")
+            if s["path"]:  # a generated source (kind passkey) has none
+                resolve_paths(s["path"], f"data.sources[{i}].path")
         packing_lanes(stages, int(data_cfg.num_lanes), process_count)
     except DataError as e:
         raise RunConfigError(str(e)) from None

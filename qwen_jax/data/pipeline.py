@@ -43,7 +43,7 @@ from qwen_jax.data.cache import build_or_load
 from qwen_jax.data.errors import DataError
 from qwen_jax.data.packing import Lane, build_rows
 from qwen_jax.data.schedule import Stage, packing_lanes, parse_schedule, stage_at
-from qwen_jax.data.sources import FileSource, RawRecord, source_specs
+from qwen_jax.data.sources import SYNTHETIC_KINDS, RawRecord, open_source, source_specs
 from qwen_jax.data.tokenization import (
     BadRecordError,
     Tokenize,
@@ -135,9 +135,13 @@ class Pipeline:
                                  self.chat_template, template_vars=self.tokenizer.special_tokens_map)
 
         self.cached = bool(cfg.cache_dir)
+        synthetic = sorted({s["kind"] for s in self.sources} & set(SYNTHETIC_KINDS))
+        if self.cached and synthetic:
+            raise DataError(f"data.cache_dir is set but a source is generated ({', '.join(synthetic)}): generated "
+                            "records are not cached; set data.cache_dir=''")
         parts = []
         for k, s in enumerate(self.sources):
-            src = FileSource(k, s["path"], strict=not cfg.skip_bad_records)
+            src = open_source(k, s, strict=not cfg.skip_bad_records)
             if self.cached:
                 src = build_or_load(cfg.cache_dir, src, s["kind"], self.tokenize, worker_count=int(cfg.worker_count))
             ds = grain.MapDataset.source(src)
