@@ -87,7 +87,7 @@ def test_passkey_source_errors_name_the_key(source, message):
 
 
 def _folder(tmp_path, name, **extra) -> str:
-    from configs.model_presets import get_preset
+    from qwen_jax.presets import get_preset
 
     folder = tmp_path / name
     folder.mkdir()
