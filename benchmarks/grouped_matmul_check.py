@@ -236,6 +236,8 @@ def main() -> None:
                     if row["shape"] == shape and row["impl"] in results:
                         row["vs_xla"] = max(max_rel_diff(results[row["impl"]][name], results["xla"][name])
                                             for name in ("out", "dx", "dw"))
+    if os.path.isdir(args.out):  # a results folder (the device's $OUT), as the other benchmarks take
+        args.out = os.path.join(args.out, "grouped_matmul_check.json")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
         json.dump(rows, f, indent=1)
