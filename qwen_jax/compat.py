@@ -32,8 +32,10 @@ def _private(module: str, *attrs: str):
 # ---------------------------------------------------------------- JAX cuDNN fused attention
 # `jax.nn.dot_product_attention(implementation="cudnn")` has no packed (ragged) layout, does not
 # return the softmax statistics, and has no backward that takes them; ring attention and packed
-# documents need all three.  Checked on jax 0.10.2 (CPU build: module imports, kernels need a GPU)
-# and, by reading the source, jax 0.11.2.
+# documents need all three.  Checked on jax 0.10.2 (installed CPU build: symbols and the backward's
+# abstract evaluation) and by reading the source of jax 0.11.0 and of main at 0.11.1.dev (2026-08):
+# same signature, MaskType/AttentionLayout members and backward operand list; the GPU test
+# (tests/test_compat.py) is the check on 0.11.2.
 CUDNN_MODULE = "jax._src.cudnn.fused_attention_stablehlo"
 
 
