@@ -143,8 +143,9 @@ def cudnn_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=Non
 # public `jax.nn.dot_product_attention` offers neither, but its cuDNN module does:
 # `dot_product_attention(..., return_residual=True)` returns the float32 softmax statistics
 # (natural-log LSE, [b, h, t]), and the backward primitive takes the statistics and forward
-# output as operands.  Both are internal JAX API: `cudnn_block_supported` checks they exist and
-# `benchmarks/ring_scaling.py --check` compares the pair with `reference.dense_block_*` on GPU.
+# output as operands.  Both are internal JAX API (`qwen_jax.compat`): `cudnn_block_supported`
+# checks they exist; tests/test_compat.py and `benchmarks/ring_scaling.py --check` compare the
+# pair with `reference.dense_block_*` on GPU.
 
 
 def cudnn_block_supported(dtype) -> bool:
@@ -154,7 +155,7 @@ def cudnn_block_supported(dtype) -> bool:
     return compat.cudnn_block_api()
 
 
-def stat_to_rows(stat, b, t, h):
+def _stat_to_rows(stat, b, t, h):
     """cuDNN softmax statistics -> [b, t, h] float32 (JAX gives [b, h, t] for the BTNH layout)."""
     if stat.shape == (b, h, t):
         stat = jnp.swapaxes(stat, 1, 2)
@@ -168,7 +169,7 @@ def cudnn_block_fwd(q, k, v, *, causal: bool, scale: float):
     out, stat = compat.cudnn_attention(q, k, v, scale=scale, mask="CAUSAL" if causal else "NO_MASK",
                                        return_residual=True)
     b, t, h, _ = q.shape
-    return out.astype(jnp.float32), stat_to_rows(stat, b, t, h)
+    return out.astype(jnp.float32), _stat_to_rows(stat, b, t, h)
 
 
 def cudnn_block_bwd(q, k, v, out, lse, dout, *, causal: bool, scale: float):
