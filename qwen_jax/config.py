@@ -26,7 +26,6 @@ MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
             "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise", "ring", "kernel")
 MOE_DISPATCHES = ("all_to_all", "all_gather")  # how token rows reach their experts' shards (docs/moe.md)
 MOE_MATMUL_IMPLS = ("auto", "xla", "mosaic_gpu")  # grouped matmul of the experts (layers/grouped_matmul.py)
 # Keys of a YaRN/linear/dynamic dict we understand; anything else is kept but unused.
@@ -89,7 +88,7 @@ class QwenConfig:
     # ---- how to run it (not Hugging Face keys) ----
     dtype: str = "float32"  # compute dtype of activations / matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
-    attention: str = "xla"  # one of ATTENTION_IMPLS
+    attention: str = "xla"  # a name of the attention registry (qwen_jax/attention/registry.py)
     scan_layers: bool = False  # lax.scan over decoder layers (compile time) vs unrolled loop
     remat: str = "none"  # rematerialisation policy: none | full | dots | dots_no_batch
     moe_dispatch: str = "all_to_all"  # expert parallelism (mesh expert > 1): one of MOE_DISPATCHES
@@ -201,8 +200,10 @@ class QwenConfig:
         for key in ("dtype", "param_dtype"):
             if getattr(self, key) not in ("float32", "bfloat16", "float16"):
                 bad(key, f"must be float32, bfloat16 or float16, got {getattr(self, key)!r}")
-        if self.attention not in ATTENTION_IMPLS:
-            bad("attention", f"must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        from qwen_jax.attention import registry  # the attention modules, loaded when a config is checked
+
+        if self.attention not in registry.names():
+            bad("attention", f"must be one of {registry.names()}, got {self.attention!r}")
         if self.moe_dispatch not in MOE_DISPATCHES:
             bad("moe_dispatch", f"must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
         if self.moe_matmul not in MOE_MATMUL_IMPLS:

@@ -16,13 +16,12 @@ import numpy as np
 
 from qwen_jax.config import QwenConfig
 from qwen_jax.hf.names import hf_blocks, hf_shape, param_table
+from qwen_jax.model_folder import CheckpointError, inside_model_folder
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
-    """Missing, unexpected or mis-shaped tensors, unreadable files: the message lists them all."""
 
 
 # ---------------------------------------------------------------- safetensors folder reading
@@ -63,27 +62,6 @@ def weight_files(folder: str) -> dict[str, str]:
             "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, safe_serialization=True)"
         )
     raise CheckpointError(f"{folder}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} found")
-
-
-def inside_model_folder(folder: str, name: str, named_by: str | None = None) -> str:
-    """The real path of `folder/name`, which must lie inside the folder or in its Hugging Face cache blobs.
-
-    A file of a model folder may be a symlink (the Hugging Face cache stores
-    ``snapshots/<rev>/file -> ../../blobs/<hash>``), but one that resolves anywhere else would
-    make a conversion or an export copy whatever it points to: that is an error naming the file
-    and its target (and the index that named it).
-    """
-    path = os.path.join(folder, name)
-    real = os.path.realpath(path)
-    root = os.path.realpath(folder)
-    allowed = [root]
-    if os.path.basename(os.path.dirname(root)) == "snapshots":  # <repo>/snapshots/<rev>: blobs in <repo>/blobs
-        allowed.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
-    if not any(os.path.commonpath([real, a]) == a for a in allowed):
-        what = f"{named_by}: shard {path}" if named_by else path
-        raise CheckpointError(f"{what} resolves to {real}, outside the model folder and outside a "
-                              "Hugging Face cache blob folder; copy the file into the folder instead of linking it")
-    return real
 
 
 def _safetensors_keys(file: str) -> list[str]:
