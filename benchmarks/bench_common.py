@@ -39,12 +39,12 @@ def timed(fn, *args, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def torch_lm_step(model, optimizer):
+def torch_lm_step(model, optimizer, device_type: str = "cuda"):
     """`one(ids) -> loss`: a transformers causal-LM training step under bf16 autocast, loss from `labels`."""
     import torch
 
     def one(ids):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
@@ -54,27 +54,30 @@ def torch_lm_step(model, optimizer):
     return one
 
 
-def torch_step_times(one, batches: list, steps: int, blocks: int):
-    """(synced seconds per step, [seconds per step of each back-to-back block], last loss) of a CUDA training step
-    `one(batch) -> loss`, after 3 warm-up steps; the peak-memory counter is reset after the warm-up."""
+def torch_step_times(one, batches: list, steps: int, blocks: int, device_type: str = "cuda"):
+    """(synced seconds per step, [seconds per step of each back-to-back block], last loss) of a training step
+    `one(batch) -> loss`, after 3 warm-up steps; on CUDA the peak-memory counter is reset after the warm-up."""
     import torch
 
+    cuda = device_type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for i in range(3):
         one(batches[i % len(batches)])
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     synced = []
     for i in range(steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         loss = one(batches[i % len(batches)])
-        torch.cuda.synchronize()
+        sync()
         synced.append(time.perf_counter() - t0)
     per_block = []
     for _ in range(blocks):
         t0 = time.perf_counter()
         for i in range(steps):
             loss = one(batches[i % len(batches)])
-        torch.cuda.synchronize()
+        sync()
         per_block.append((time.perf_counter() - t0) / steps)
     return synced, per_block, float(loss)

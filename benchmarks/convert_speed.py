@@ -7,7 +7,7 @@ Each step runs in its own subprocess; wall time is measured inside it around the
 a grandchild of orbax-to-hf, is not included):
 
 1. write a random Hugging Face folder of the model's shape with safetensors directly (no model in memory);
-2. `qwen-convert hf-to-orbax` (call `tools.convert.main`);
+2. `qwen-convert hf-to-orbax` (call `qwen_jax.hf.convert.main`);
 3. `qwen-convert orbax-to-hf` of that checkpoint, then a full bit-identity check against the source;
 4. a trainer-style checkpoint (`StandardSave` of the parameters as jax arrays, as `qwen_jax.checkpoint`
    saves them: one chunk per stacked parameter) and `qwen-convert orbax-to-hf` of it;
@@ -58,7 +58,8 @@ def hf_entries(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor of the Hugging Face folder, in transformers' order (embeddings, layers, rest)."""
     sys.path.insert(0, REPO)
     from qwen_jax.config import config_from_dict
-    from qwen_jax.hf_io import abstract_model, flat_paths, hf_names, hf_shape, param_table
+    from qwen_jax.hf.models import abstract_model, flat_paths
+    from qwen_jax.hf.names import hf_names, hf_shape, param_table
 
     cfg = config_from_dict(config)
     abstract = flat_paths(abstract_model(cfg)[1])
@@ -133,8 +134,8 @@ QWEN_CONVERT = PEAK_RSS + """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import orbax.checkpoint, tensorstore  # imports outside the timed call, as torch for transformers
-from qwen_jax import checkpoint_format, hf_io
-from tools import convert
+from qwen_jax import checkpoint_format
+from qwen_jax.hf import convert
 t, c = time.perf_counter(), time.process_time()
 code = convert.main(sys.argv[2:])
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t, "cpu_s": time.process_time() - c,
@@ -180,7 +181,7 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - t, "cpu_s": time.
 CHECK_IDENTICAL = """
 import sys
 sys.path.insert(0, sys.argv[3])
-from qwen_jax.hf_io import TensorReader
+from qwen_jax.hf.safetensors_io import TensorReader
 a, b = TensorReader(sys.argv[1]), TensorReader(sys.argv[2])
 assert set(a.files) == set(b.files), sorted(set(a.files) ^ set(b.files))
 for n in sorted(a.files):

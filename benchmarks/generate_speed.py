@@ -100,7 +100,7 @@ def main():
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    from configs.model_presets import get_preset
+    from qwen_jax.presets import get_preset
 
     rate = copy_rate(256 << 20 if jax.default_backend() == "cpu" else 4 << 30)
     rows = []

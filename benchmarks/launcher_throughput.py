@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     from qwen_jax.metrics import flops_per_token
 
     try:
-        from configs.model_presets import get_preset
+        from qwen_jax.presets import get_preset
     except ImportError:
         from qwen_jax.presets import get_preset
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]

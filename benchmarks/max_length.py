@@ -36,9 +36,9 @@ def worker(impl, seq, variant, preset, execute):
     import numpy as np
 
     from configs.base import get_config
-    from configs.model_presets import get_preset
     from qwen_jax import sharding
     from qwen_jax.config import config_from_dict
+    from qwen_jax.presets import get_preset
     from qwen_jax.trainer import optimizer as opt
     from qwen_jax.trainer import train_step as ts
 

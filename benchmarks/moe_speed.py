@@ -6,7 +6,7 @@
         --overrides hidden_size=64,intermediate_size=128,moe_intermediate_size=32,num_attention_heads=4,\\
 num_key_value_heads=2,head_dim=16,num_experts=8,num_experts_per_tok=2,vocab_size=512 --steps 2 --blocks 1  # CPU
 
-A shape is `preset@layers:SEQxBATCH`: a MoE preset of `configs.model_presets` cut to `layers`
+A shape is `preset@layers:SEQxBATCH`: a MoE preset of `qwen_jax.presets` cut to `layers`
 decoder layers (the full models do not fit one H200 with AdamW state), `--overrides` applied to
 its config.json.  Each (framework, shape, variant) runs in its own subprocess on random tokens:
 
@@ -75,7 +75,7 @@ def parse_overrides(text: str) -> dict:
 
 def hf_config(shape: str, overrides: dict) -> dict:
     """The config.json of a shape: the preset cut to its layer count, overrides applied."""
-    from configs.model_presets import get_preset
+    from qwen_jax.presets import get_preset
 
     preset, layers, _, _ = parse_shape(shape)
     raw = get_preset(preset)

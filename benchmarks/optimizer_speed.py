@@ -32,9 +32,9 @@ def main():
     from flax import nnx
 
     from configs.base import get_config
-    from configs.model_presets import get_preset
     from qwen_jax.config import config_from_dict
-    from qwen_jax.hf_io import abstract_model
+    from qwen_jax.hf.models import abstract_model
+    from qwen_jax.presets import get_preset
     from qwen_jax.trainer import optimizer as opt
 
     p = argparse.ArgumentParser()

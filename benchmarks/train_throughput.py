@@ -17,7 +17,7 @@ the XLA_FLAGS of that variant's subprocess: `default` (`--xla_gpu_enable_latency
 `none` (XLA's own defaults) or a name given with `--xla_flags_variants 'name=FLAGS;name2=FLAGS'`
 (or a JSON object); the named flags replace the inherited XLA_FLAGS.  Without a 5th field the
 subprocess keeps the caller's XLA_FLAGS, or `default` when none is set.  Shapes are
-`size:SEQxBATCH`, size one of PRESETS below or any name of `configs.model_presets` (`tiny` is
+`size:SEQxBATCH`, size one of PRESETS below or any name of `qwen_jax.presets` (`tiny` is
 a 2-layer model for CPU smoke tests).  Other scripts build the same step with `build_jax_step`.
 
 Step time, both frameworks alike: after warm-up, --blocks blocks of --steps steps each are run
@@ -110,7 +110,7 @@ def build_jax_step(preset_or_cfg, seq: int, batch: int, variant: str, n_batches:
                    ring: int = 1, mesh_shape: dict | None = None):
     """Our jitted train step on one device, as benchmarked: `(step, state, batches, cfg)`.
 
-    `preset_or_cfg`: a PRESETS key, a `configs.model_presets` name, a Hugging Face config dict or
+    `preset_or_cfg`: a PRESETS key, a `qwen_jax.presets` name, a Hugging Face config dict or
     a `QwenConfig`; the variant's attention / remat / scan and bf16 compute over fp32 parameters
     are applied to it.  `step(state, batch) -> (state, metrics)` donates `state`; `batches` are
     `n_batches` random-token batches (one document per row) already on the device.
@@ -123,9 +123,9 @@ def build_jax_step(preset_or_cfg, seq: int, batch: int, variant: str, n_batches:
     import numpy as np
 
     from configs.base import get_config
-    from configs.model_presets import get_preset
     from qwen_jax import sharding
     from qwen_jax.config import QwenConfig, config_from_dict
+    from qwen_jax.presets import get_preset
     from qwen_jax.trainer import optimizer as opt
     from qwen_jax.trainer import train_step as ts
 
@@ -319,8 +319,8 @@ def worker_torch(preset, seq, batch, variant, steps, blocks):
 
     import torch
 
-    from configs.model_presets import get_preset
     from qwen_jax.config import config_from_dict
+    from qwen_jax.presets import get_preset
 
     hf = get_preset(preset)
     cfg = config_from_dict(hf)
@@ -372,10 +372,10 @@ def main():
         return
 
     # validate everything before the first (expensive) subprocess
-    from configs.model_presets import PRESETS as MODEL_PRESETS
-    from configs.model_presets import get_preset
     from qwen_jax.config import config_from_dict
     from qwen_jax.metrics import flops_per_token
+    from qwen_jax.presets import PRESETS as MODEL_PRESETS
+    from qwen_jax.presets import get_preset
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     try:

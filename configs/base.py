@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- model: where the initial parameters come from
     c.model = ml_collections.ConfigDict()
-    c.model.preset = "tiny"  # configs/model_presets.py name, used when init_from is empty
+    c.model.preset = "tiny"  # qwen_jax/presets.py name, used when init_from is empty
     c.model.init_from = ""  # "" = random init of the preset; a Hugging Face folder; or an Orbax checkpoint dir
     c.model.init_step = -1  # Orbax init_from: which step (-1 = latest)
     c.model.overrides = ""  # architecture overrides, "key=value,key=value" (e.g. "vocab_size=512")
@@ -44,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master parameter dtype (optimizer state follows it)
     c.model.attention = "auto"  # auto (cuDNN on GPU in 16-bit, else xla) | xla | blockwise | cudnn | kernel | ring
     c.model.remat = "none"  # none | full | dots | dots_no_batch
+    c.model.moe_dispatch = "all_to_all"  # mesh expert > 1: all_to_all (routed rows) | all_gather (docs/moe.md)
+    c.model.moe_matmul = "auto"  # MoE experts: auto (Mosaic-GPU on Hopper in 16-bit, else xla) | xla | mosaic_gpu
     c.model.scan_layers = False  # lax.scan over decoder layers: faster compiles for deep models
 
     # ---- mesh: sizes of the named axes; one may be -1 (= the remaining devices)

@@ -17,14 +17,14 @@ import importlib
 import importlib.util
 
 _EXPORTS = {
-    "CheckpointError": "qwen_jax.hf_io",
+    "CheckpointError": "qwen_jax.hf.safetensors_io",
     "ConfigError": "qwen_jax.config",
     "Qwen": "qwen_jax.model",
     "QwenConfig": "qwen_jax.config",
     "config_from_dict": "qwen_jax.config",
-    "from_pretrained": "qwen_jax.hf_io",
+    "from_pretrained": "qwen_jax.hf.models",
     "generate": "qwen_jax.generation",
-    "load_model": "qwen_jax.hf_io",
+    "load_model": "qwen_jax.hf.models",
     "load_hf_config": "qwen_jax.config",
 }
 

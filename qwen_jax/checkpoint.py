@@ -1,6 +1,6 @@
 """Orbax checkpoints of a training run: save (async, keep K), resume, SIGTERM, HF side files.
 
-Layout (the contract shared with `tools/convert.py`)::
+Layout (the contract shared with `qwen_jax.hf.convert`)::
 
     <workdir>/checkpoints/                 CheckpointManager root
         config.json, generation_config.json, tokenizer files   (Hugging Face side files)

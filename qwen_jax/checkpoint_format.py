@@ -35,8 +35,8 @@ the Zarr chunk shape equal to the block shape.  Peak host memory is therefore ab
 block, not one parameter.  `ParamReader` reads such blocks back (``read(path, layer=i)``)
 through TensorStore without materialising the whole stacked array.
 
-Both rely on Orbax's TensorStore spec builders (``orbax.checkpoint._src.serialization``),
-checked against orbax-checkpoint 0.12.8; tests round-trip through the public
+Both rely on Orbax's private TensorStore spec builders (through ``qwen_jax.compat``, which
+says which versions were checked); tests round-trip through the public
 ``CheckpointManager.restore`` so a format drift fails loudly.
 """
 
@@ -52,7 +52,9 @@ from typing import Any
 
 import numpy as np
 
+from qwen_jax import compat
 from qwen_jax.atomic import atomic_copy
+from qwen_jax.model_folder import inside_model_folder
 
 PARAMS_ITEM = "params"
 # The tokenizer and its chat template, as a Hugging Face folder holds them.
@@ -75,10 +77,8 @@ def side_files(folder: str) -> list[str]:
     """Names of the Hugging Face side files present in `folder` (config, generation config, tokenizer).
 
     A side file that is a symlink must resolve inside the folder or into a Hugging Face cache
-    blob (`qwen_jax.hf_io.inside_model_folder`); otherwise this raises `CheckpointError`.
+    blob (`model_folder.inside_model_folder`); otherwise this raises `CheckpointError`.
     """
-    from qwen_jax.hf_io import inside_model_folder
-
     present = []
     for name in sorted(os.listdir(folder)):
         if not (name in SIDE_FILES or any(p.match(name) for p in _SIDE_PATTERNS)):
@@ -176,11 +176,8 @@ def _streaming_handler():
     counted twice (our block and TensorStore's copy of it), so host memory stays bounded.
     """
     import tensorstore as ts
-    from orbax.checkpoint._src.serialization import ocdbt_utils, type_handlers
-    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-    from orbax.checkpoint._src.serialization import types as ocp_types
 
-    class StreamingHandler(type_handlers.NumpyHandler):
+    class StreamingHandler(compat.orbax_numpy_handler()):
         def __init__(self, on_block=None, budget: int = 1 << 30):
             super().__init__(deepcopy_host_arrays=False)
             self.on_block = on_block
@@ -188,22 +185,15 @@ def _streaming_handler():
 
         async def _open(self, value, info, arg):
             await info.await_path_creation()
-            spec = ts_utils.build_array_write_spec(
-                info=info,
-                arg=arg,
-                global_shape=value.shape,
-                local_shape=value.block_shape,
-                dtype=np.dtype(value.dtype),
-                use_ocdbt=info.is_ocdbt_checkpoint,
-                process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
-                metadata_key=self._metadata_key,
-            )
-            return await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+            spec = compat.orbax_array_write_spec(info=info, arg=arg, global_shape=value.shape,
+                                                 local_shape=value.block_shape, dtype=np.dtype(value.dtype),
+                                                 metadata_key=self._metadata_key)
+            return await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
 
         async def _background_serialize(self, values, infos, args=None):
             from concurrent.futures import ThreadPoolExecutor
 
-            args = args or [ocp_types.SaveArgs()] * len(values)
+            args = args or [compat.orbax_save_args()] * len(values)
             stores = await asyncio.gather(*(self._open(v, i, a) for v, i, a in zip(values, infos, args, strict=True)))
             loop = asyncio.get_running_loop()
             room = asyncio.Condition()
@@ -261,10 +251,9 @@ def save_params_streaming(ckpt_dir: str, step: int, lazy_params: dict, on_block=
     them, or raw chunks (what restore reads just as well, at disk speed).
     """
     import orbax.checkpoint as ocp
-    from orbax.checkpoint._src.serialization import type_handler_registry as thr
 
     handler = _streaming_handler()(on_block=on_block, budget=budget)
-    registry = thr.create_type_handler_registry((LazyArray, handler), *thr._DEFAULT_TYPE_HANDLERS)
+    registry = compat.orbax_type_handler_registry((LazyArray, handler))
     item_handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
     with ocp.CheckpointManager(ckpt_dir, options=options, item_handlers={PARAMS_ITEM: item_handler}) as mngr:
@@ -342,13 +331,13 @@ class ParamReader:
 
     def _store(self, path: tuple[str, ...]):
         import tensorstore as ts
-        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
         if path not in self._open:
-            spec = ts_utils.ArrayReadSpec(self.item_dir, ".".join(path), self.use_zarr3, use_ocdbt=self.use_ocdbt)
+            spec = compat.orbax_array_read_spec(self.item_dir, ".".join(path), use_zarr3=self.use_zarr3,
+                                                use_ocdbt=self.use_ocdbt)
             if self._context is None:
-                self._context = ts_utils.get_ts_context(use_ocdbt=self.use_ocdbt)
-            self._open[path] = ts.open(ts.Spec(spec.json), open=True, read=True, context=self._context).result()
+                self._context = compat.orbax_ts_context(use_ocdbt=self.use_ocdbt)
+            self._open[path] = ts.open(ts.Spec(spec), open=True, read=True, context=self._context).result()
         return self._open[path]
 
     def shape(self, path) -> tuple[int, ...]:

@@ -22,19 +22,21 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def load_model(path: str, step: int | None, dtype: str, *, tokenizer: bool):
-    """(model, tokenizer or None) of a Hugging Face folder or checkpoints dir; bad paths are `UsageError`s."""
+def load_model(path: str, step: int | None, dtype: str, *, tokenizer: bool, **config_overrides):
+    """(model, tokenizer or None) of a Hugging Face folder or checkpoints dir; bad paths are `UsageError`s.
+
+    `config_overrides`: `QwenConfig` fields that replace the folder's (e.g. a RoPE scaling to evaluate with)."""
     from qwen_jax.config import ConfigError
     from qwen_jax.data.tokenization import has_tokenizer, load_tokenizer
-    from qwen_jax.hf_io import CheckpointError
-    from qwen_jax.hf_io import load_model as load
+    from qwen_jax.hf.models import load_model as load
+    from qwen_jax.hf.safetensors_io import CheckpointError
 
     if not os.path.isdir(path):
         raise UsageError(f"--model {path}: not a directory")
     if tokenizer and not has_tokenizer(path):
         raise UsageError(f"--model {path}: no tokenizer files (tokenizer.json) in the folder")
     try:
-        model = load(path, step, dtype=dtype)
+        model = load(path, step, dtype=dtype, **config_overrides)
     except (ConfigError, CheckpointError) as e:
         raise UsageError(f"--model {path}: {e}") from None
     if not tokenizer:

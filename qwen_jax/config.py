@@ -28,7 +28,8 @@ MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
             "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise", "ring", "kernel")
+MOE_DISPATCHES = ("all_to_all", "all_gather")  # how token rows reach their experts' shards (docs/moe.md)
+MOE_MATMUL_IMPLS = ("auto", "xla", "mosaic_gpu")  # grouped matmul of the experts (layers/grouped_matmul.py)
 # Keys of a YaRN/linear/dynamic dict we understand; anything else is kept but unused.
 _ROPE_KEYS = {
     "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings",
@@ -89,12 +90,14 @@ class QwenConfig:
     # ---- how to run it (not Hugging Face keys) ----
     dtype: str = "float32"  # compute dtype of activations / matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
-    attention: str = "xla"  # one of ATTENTION_IMPLS
+    attention: str = "xla"  # a name of the attention registry (qwen_jax/attention/registry.py)
     scan_layers: bool = False  # lax.scan over decoder layers (compile time) vs unrolled loop
     remat: str = "none"  # rematerialisation policy: none | full | dots | dots_no_batch
+    moe_dispatch: str = "all_to_all"  # expert parallelism (mesh expert > 1): one of MOE_DISPATCHES
     attention_block_size: int = 512  # key/query block for blockwise and ring attention
     # cuDNN packed layout: bound on documents (runs of segment ids) per row; 0 = from the row length
     attention_max_segments: int = 0
+    moe_matmul: str = "auto"  # one of MOE_MATMUL_IMPLS
 
     def __post_init__(self):
         if not self.layer_types:
@@ -195,8 +198,14 @@ class QwenConfig:
         for key in ("dtype", "param_dtype"):
             if getattr(self, key) not in FLOAT_DTYPES:
                 bad(key, f"must be float32, bfloat16 or float16, got {getattr(self, key)!r}")
-        if self.attention not in ATTENTION_IMPLS:
-            bad("attention", f"must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        from qwen_jax.attention import registry  # the attention modules, loaded when a config is checked
+
+        if self.attention not in registry.names():
+            bad("attention", f"must be one of {registry.names()}, got {self.attention!r}")
+        if self.moe_dispatch not in MOE_DISPATCHES:
+            bad("moe_dispatch", f"must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
+        if self.moe_matmul not in MOE_MATMUL_IMPLS:
+            bad("moe_matmul", f"must be one of {MOE_MATMUL_IMPLS}, got {self.moe_matmul!r}")
         if self.remat not in ("none", "full", "dots", "dots_no_batch"):
             bad("remat", f"must be none | full | dots | dots_no_batch, got {self.remat!r}")
         if isinstance(self.attention_max_segments, bool) or not isinstance(self.attention_max_segments, int) \

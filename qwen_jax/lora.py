@@ -355,8 +355,8 @@ def peft_targets_regex(cfg: dict, folder: str) -> str:
 
 
 def _kernel_specs(cfg) -> dict[str, object]:
-    """'layers/self_attn/q_proj/kernel' -> hf_io ParamSpec, for the kernels of decoder projections."""
-    from qwen_jax.hf_io import param_table
+    """'layers/self_attn/q_proj/kernel' -> hf.names ParamSpec, for the kernels of decoder projections."""
+    from qwen_jax.hf.names import param_table
 
     return {"/".join(s.path): s for s in param_table(cfg) if s.stacked and s.path[-1] == "kernel"}
 
@@ -422,7 +422,7 @@ def _commit(tmp: str, out: str) -> None:
 
 def _write_safetensors(path: str, tensors: list[tuple[str, tuple, object, object]]) -> None:
     """tensors: (name, shape, dtype, produce()) written one at a time (only one tensor in memory)."""
-    from qwen_jax.hf_io import SafetensorsWriter
+    from qwen_jax.hf.safetensors_io import SafetensorsWriter
 
     writer = SafetensorsWriter(path, [(n, s, d) for n, s, d, _ in tensors])
     try:
@@ -501,7 +501,7 @@ def export_merged(ckpt_dir: str, step: int, spec: LoraSpec, out: str) -> str:
     """A Hugging Face folder of base + scale * B A (merged in float32, stored in the base's dtype)."""
     from qwen_jax import checkpoint_format as cf
     from qwen_jax.config import load_hf_config
-    from qwen_jax.hf_io import hf_shape, param_table, to_hf
+    from qwen_jax.hf.names import hf_shape, param_table, to_hf
 
     cfg = load_hf_config(ckpt_dir)
     reader = cf.ParamReader(ckpt_dir, step)
@@ -552,7 +552,7 @@ def merge_folders(base_dir: str, adapter_dir: str, out: str, overwrite: bool = F
     from safetensors import safe_open
 
     from qwen_jax.checkpoint_format import copy_side_files
-    from qwen_jax.hf_io import TensorReader
+    from qwen_jax.hf.safetensors_io import TensorReader
 
     out = os.path.abspath(out)
     for src in (base_dir, adapter_dir):

@@ -1,7 +1,7 @@
 """The Qwen2 / Qwen2.5 / Qwen3 decoder in Flax NNX.
 
 Why NNX: it is Flax's current API; parameters are plain attributes whose paths mirror the
-Hugging Face names (one table in `hf_io.py` maps them), and `nnx.split`/`nnx.merge` give a
+Hugging Face names (one table in `hf/names.py` maps them), and `nnx.split`/`nnx.merge` give a
 pure (graphdef, state) view for jit, sharding and Orbax.
 
 Decoder layers are *stacked*: every layer parameter has a leading `layers` axis.  One

@@ -36,7 +36,7 @@ import types
 import typing
 from typing import Any
 
-from qwen_jax.config import ConfigError, QwenConfig
+from qwen_jax.config import MOE_DISPATCHES, ConfigError, QwenConfig
 from qwen_jax.data.errors import DataError
 from qwen_jax.data.schedule import Stage, packing_lanes, parse_schedule
 
@@ -184,6 +184,72 @@ def apply_overrides(config, values: dict[str, Any]) -> None:
         node[last] = value
 
 
+# ---------------------------------------------------------------- distributed
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """How this process joins a multi-process run (`jax.distributed.initialize` arguments), or None fields."""
+
+    coordinator_address: str | None
+    num_processes: int | None
+    process_id: int | None
+
+    @property
+    def multi_process(self) -> bool:
+        return bool(self.coordinator_address) and (self.num_processes or 1) > 1
+
+
+DISTRIBUTED_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+                   "process_id": "JAX_PROCESS_ID"}
+
+
+def distributed_settings(mode: str, coordinator_address: str | None, num_processes: int | None,
+                         process_id: int | None, environ) -> Distributed:
+    """The `--coordinator_address/--num_processes/--process_id` flags, each falling back to its JAX_* variable,
+    checked as a set: a coordinator needs both partners (and they it), 0 <= process id < processes.
+
+    Checked before `jax.distributed.initialize`, which would otherwise wait for a coordinator that never comes
+    or fail deep inside with a traceback.  With `--distributed=auto|off` the explicit flags have no effect, so
+    giving them is an error too."""
+    flags_given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+                   "process_id": process_id}
+    if mode != "env":
+        given = [f"--{k}" for k, v in flags_given.items() if v is not None]
+        if given:
+            raise RunConfigError(f"{', '.join(given)}: not used with --distributed={mode} (only with "
+                                 "--distributed=env, the default)")
+        return Distributed(None, None, None)
+    names, values = {}, {}
+    for key, flag_value in flags_given.items():
+        env_value = environ.get(DISTRIBUTED_ENV[key]) or None
+        names[key] = f"--{key}" if flag_value is not None else DISTRIBUTED_ENV[key]
+        if flag_value is not None or env_value is None:
+            values[key] = flag_value
+        elif key == "coordinator_address":
+            values[key] = env_value
+        else:
+            try:
+                values[key] = int(env_value)
+            except ValueError:
+                raise RunConfigError(f"{DISTRIBUTED_ENV[key]}={env_value!r}: expected an integer") from None
+    address, count, index = values["coordinator_address"], values["num_processes"], values["process_id"]
+    present = [names[k] for k, v in values.items() if v is not None]
+    missing = [f"--{k} (or {DISTRIBUTED_ENV[k]})" for k, v in values.items() if v is None]
+    if present and missing:
+        raise RunConfigError(f"{' and '.join(present)} given without {' and '.join(missing)}: a multi-process run "
+                             "needs all three (docs/training.md)")
+    if not present:
+        return Distributed(None, None, None)
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RunConfigError(f"{names['coordinator_address']}={address!r}: expected host:port")
+    if count < 1:
+        raise RunConfigError(f"{names['num_processes']}={count}: must be >= 1")
+    if not 0 <= index < count:
+        raise RunConfigError(f"{names['process_id']}={index}: must be in [0, {count}) "
+                             f"({names['num_processes']}={count})")
+    return Distributed(address, count, index)
+
+
 # ---------------------------------------------------------------- run settings
 def _number(config, key: str):
     node = config
@@ -217,6 +283,9 @@ def check_run_settings(config) -> None:
                 math.isfinite(value) and low <= value <= high):
             interval = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
             raise RunConfigError(f"config key 'optimizer.{key}' must be a finite number {interval}, got {value!r}")
+    if config.model.moe_dispatch not in MOE_DISPATCHES:
+        raise RunConfigError(f"config key 'model.moe_dispatch' must be {' | '.join(MOE_DISPATCHES)}, "
+                             f"got {config.model.moe_dispatch!r}")
     if config.get("nonfinite", "stop") not in ("stop", "skip"):
         raise RunConfigError(f"config key 'nonfinite' must be stop | skip, got {config.nonfinite!r}")
     z = config.loss.z_loss
@@ -323,12 +392,12 @@ def init_source(path: str) -> str:
 
 def model_config(config) -> tuple[QwenConfig, str, dict]:
     """(QwenConfig, source kind 'preset' | 'hf' | 'orbax', the QwenConfig overrides applied)."""
-    from configs.model_presets import get_preset
     from qwen_jax.config import config_from_dict, load_hf_config
+    from qwen_jax.presets import get_preset
 
     m = config.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, remat=m.remat,
-               scan_layers=bool(m.scan_layers))
+               scan_layers=bool(m.scan_layers), moe_dispatch=m.moe_dispatch, moe_matmul=m.moe_matmul)
     arch = parse_model_overrides(m.overrides)
     if not m.init_from:
         try:
@@ -355,17 +424,18 @@ def check_init_shapes(cfg: QwenConfig, source: str, path: str, step: int | None)
 
     Reads only the safetensors headers (or index) and the Orbax array metadata: a folder whose
     config.json disagrees with its weights fails here, before any parameter is allocated."""
-    from qwen_jax import hf_io
+    from qwen_jax.hf.models import abstract_model, flat_paths
+    from qwen_jax.hf.safetensors_io import CheckpointError, TensorReader, check_tensors
 
-    _, abstract_state = hf_io.abstract_model(cfg)
+    _, abstract_state = abstract_model(cfg)
     if source == "hf":
         try:
-            reader = hf_io.TensorReader(path)
+            reader = TensorReader(path)
             try:
-                hf_io.check_tensors(cfg, reader, hf_io.flat_paths(abstract_state), path)
+                check_tensors(cfg, reader, flat_paths(abstract_state), path)
             finally:
                 reader.close()
-        except hf_io.CheckpointError as e:
+        except CheckpointError as e:
             raise RunConfigError(f"config key 'model.init_from': {e}") from None
         return
     from flax import nnx
@@ -446,7 +516,8 @@ def check_data(data_cfg, stages: list[Stage], process_count: int) -> None:
 
     try:
         for i, s in enumerate(source_specs(data_cfg.sources)):
-            resolve_paths(s["path"], f"data.sources[{i}].path")
+            if s["path"]:  # a generated source (kind passkey) has none
+                resolve_paths(s["path"], f"data.sources[{i}].path")
         packing_lanes(stages, int(data_cfg.num_lanes), process_count)
     except DataError as e:
         raise RunConfigError(str(e)) from None

@@ -60,26 +60,17 @@ def parse_flags(argv):
 
 
 # ---------------------------------------------------------------- distributed
-def init_distributed(mode: str, address: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """Join the other processes of a multi-process run (flags first, then the JAX_* environment variables)."""
+def init_distributed(mode: str, settings: run_config.Distributed) -> None:
+    """Join the multi-process run `settings` describes (checked by `run_config.distributed_settings`)."""
     import jax
 
-    address = address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
-        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
-    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
-        process_id = int(os.environ["JAX_PROCESS_ID"])
-    if mode == "off":
-        return
     if mode == "auto":
         jax.distributed.initialize()
-        return
-    if address and (num_processes or 1) > 1:
-        if process_id is None:
-            raise ValueError("--coordinator_address given without --process_id (or JAX_PROCESS_ID)")
+    elif settings.multi_process:
         if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(coordinator_address=settings.coordinator_address,
+                                   num_processes=settings.num_processes, process_id=settings.process_id)
 
 
 # ---------------------------------------------------------------- main
@@ -94,7 +85,12 @@ def main(argv):
 
         logging.get_absl_logger().addFilter(OrbaxErrorLogFilter())
         sys.unraisablehook = _quiet_after_failed_save(sys.unraisablehook)
-    init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+        settings = run_config.distributed_settings(FLAGS.distributed, FLAGS.coordinator_address,
+                                                   FLAGS.num_processes, FLAGS.process_id, os.environ)
+    except run_config.RunConfigError as e:
+        fail(e)
+    init_distributed(FLAGS.distributed, settings)
     sys.exit(launch(_CONFIG.value, FLAGS.workdir))
 
 
@@ -116,7 +112,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is written for the user (one line naming the flag, key or file): `fail` prints them."""
     from qwen_jax.config import ConfigError
     from qwen_jax.data import BadRecordError, DataError
-    from qwen_jax.hf_io import CheckpointError
+    from qwen_jax.hf.safetensors_io import CheckpointError
     from qwen_jax.lora import LoraError
     from qwen_jax.trainer.optimizer import FreezeError
 

@@ -170,10 +170,10 @@ def test_model_passes_its_segment_bound_to_attention(monkeypatch):
     """`attention_max_segments` (settable as --config.model.overrides=attention_max_segments=N) reaches `attend`."""
     from flax import nnx
 
-    from configs.model_presets import get_preset
     from qwen_jax import attention as attention_ops
     from qwen_jax.config import ConfigError, config_from_dict
     from qwen_jax.model import Qwen
+    from qwen_jax.presets import get_preset
 
     seen = []
     real_attend = attention_ops.attend

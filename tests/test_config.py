@@ -100,6 +100,8 @@ def test_overrides_and_unknown_override():
         config_from_dict(SMALL, atention="ring")
     with pytest.raises(ConfigError, match="key 'attention'"):
         config_from_dict(SMALL, attention="flash9")
+    with pytest.raises(ConfigError, match="key 'moe_dispatch': must be one of"):
+        config_from_dict(SMALL, moe_dispatch="ragged")
     assert hash(cfg)  # static jit argument
 
 

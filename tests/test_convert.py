@@ -21,8 +21,9 @@ from flax import nnx
 from qwen_jax import checkpoint_format as cf
 from qwen_jax import from_pretrained
 from qwen_jax.config import ConfigError, config_from_dict, load_hf_config
-from qwen_jax.hf_io import CheckpointError, TensorReader, abstract_model, parse_size
-from tools import convert
+from qwen_jax.hf import convert, export
+from qwen_jax.hf.models import abstract_model
+from qwen_jax.hf.safetensors_io import CheckpointError, TensorReader, parse_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_FILES = {
@@ -326,13 +327,13 @@ def test_existing_output_refused_then_overwritten(models, work):
 
 
 def test_overwrite_keeps_the_old_export_until_the_new_one_is_complete(models, work, monkeypatch):
-    from qwen_jax import hf_io
+    from qwen_jax.hf import safetensors_io
 
     hf, ox, _ = models["qwen2_untied_fp32_sharded"]
     out = str(work / "reexport")
     convert.orbax_to_hf(ox, out, max_shard_size="20KB")
     before = {name: (work / "reexport" / name).read_bytes() for name in os.listdir(out)}
-    real_write = hf_io.SafetensorsWriter.write_at
+    real_write = safetensors_io.SafetensorsWriter.write_at
     calls = {"n": 0}
 
     def failing_write(self, name, block, start=0):
@@ -341,7 +342,7 @@ def test_overwrite_keeps_the_old_export_until_the_new_one_is_complete(models, wo
             raise RuntimeError("killed mid-export")
         return real_write(self, name, block, start)
 
-    monkeypatch.setattr(hf_io.SafetensorsWriter, "write_at", failing_write)
+    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "write_at", failing_write)
     with pytest.raises(RuntimeError, match="killed mid-export"):
         convert.orbax_to_hf(ox, out, overwrite=True)
     assert {name: (work / "reexport" / name).read_bytes() for name in os.listdir(out)} == before
@@ -469,11 +470,11 @@ def test_checkpoint_side_files_follow_the_umask(models, work):
 
 
 def test_full_disk_leaves_nothing(models, work, monkeypatch):
-    from qwen_jax import hf_io
+    from qwen_jax.hf import safetensors_io
 
     hf, ox, _ = models["qwen2_untied_fp32_sharded"]
     calls = {"n": 0}
-    real_write = hf_io.SafetensorsWriter.write_at
+    real_write = safetensors_io.SafetensorsWriter.write_at
 
     def failing_write(self, name, block, start=0):
         calls["n"] += 1
@@ -481,14 +482,14 @@ def test_full_disk_leaves_nothing(models, work, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, name, block, start)
 
-    monkeypatch.setattr(hf_io.SafetensorsWriter, "write_at", failing_write)
+    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "write_at", failing_write)
     out = str(work / "full_hf")
     with pytest.raises(convert.ConvertError, match="no space left"):
         convert.orbax_to_hf(ox, out, max_shard_size="20KB")
     _assert_no_output(out)
     monkeypatch.undo()
 
-    real_read = hf_io.TensorReader.read
+    real_read = safetensors_io.TensorReader.read
     calls["n"] = 0
 
     def failing_read(self, name):
@@ -497,7 +498,7 @@ def test_full_disk_leaves_nothing(models, work, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_read(self, name)
 
-    monkeypatch.setattr(hf_io.TensorReader, "read", failing_read)
+    monkeypatch.setattr(safetensors_io.TensorReader, "read", failing_read)
     out = str(work / "full_orbax")
     with pytest.raises(convert.ConvertError, match="no space left"):
         convert.hf_to_orbax(hf, out)
@@ -517,7 +518,8 @@ def test_pickled_only_folder_refused(work):
 
 
 def test_no_trust_remote_code_anywhere():
-    for path in ("tools/convert.py", "qwen_jax/hf_io.py", "qwen_jax/checkpoint_format.py"):
+    for path in ("qwen_jax/hf/convert.py", "qwen_jax/hf/export.py", "qwen_jax/hf/safetensors_io.py",
+                 "qwen_jax/hf/models.py", "qwen_jax/checkpoint_format.py"):
         with open(os.path.join(REPO, path)) as f:
             assert "trust_remote_code=True" not in f.read()
 
@@ -527,7 +529,7 @@ def test_lint_error_stops_export_unless_allowed(models, work, monkeypatch):
     _, ox, _ = models["qwen2_tied_bf16_single"]
     finding = {"rule": "rope-theta", "severity": "error", "file": "config.json", "line": 3, "key": "rope_theta",
                "message": "simulated error", "fix": "set rope_theta"}
-    monkeypatch.setattr(convert, "run_linter", lambda folder: (1, [finding]))
+    monkeypatch.setattr(export, "run_linter", lambda folder: (1, [finding]))
     out = str(work / "lint_out")
     with pytest.raises(convert.ConvertError, match="(?s)lint errors.*--allow_lint_errors.*simulated error"):
         convert.orbax_to_hf(ox, out)
@@ -537,27 +539,26 @@ def test_lint_error_stops_export_unless_allowed(models, work, monkeypatch):
 
 
 def test_linter_subprocess_contract(work, monkeypatch, tmp_path):
-    """run_linter calls `python -m tools.lint_config --format json DIR` and reads its JSON."""
-    fake_repo = tmp_path / "repo"
-    (fake_repo / "tools").mkdir(parents=True)
-    (fake_repo / "tools" / "__init__.py").write_text("")
-    (fake_repo / "tools" / "lint_config.py").write_text(
+    """run_linter runs qwen-lint with `--format json DIR`, reads its JSON, and refuses a linter that crashed."""
+    fake = tmp_path / "fake_lint.py"
+    fake.write_text(
         "import json, sys\n"
         "assert sys.argv[1:3] == ['--format', 'json']\n"
         "print(json.dumps({'findings': [{'rule': 'r', 'severity': 'error', 'file': 'config.json', 'line': 1,"
         " 'key': 'k', 'message': 'm', 'fix': ''}], 'summary': {'errors': 1}}))\n"
         "sys.exit(1)\n")
-    monkeypatch.setattr(convert, "REPO_ROOT", fake_repo)
-    code, findings = convert.run_linter(str(tmp_path))
+    monkeypatch.setattr(export, "LINT_COMMAND", (sys.executable, str(fake)))
+    code, findings = export.run_linter(str(tmp_path))
     assert code == 1 and findings[0]["severity"] == "error"
-    (fake_repo / "tools" / "lint_config.py").unlink()
-    assert convert.run_linter(str(tmp_path)) is None  # absent linter: skipped with a warning
+    fake.write_text("raise SystemExit(3)\n")
+    with pytest.raises(convert.ConvertError, match="linter failed to run"):
+        export.run_linter(str(tmp_path))
 
 
 # ---------------------------------------------------------------- CLI and progress
 def _cli(*args, umask=None):
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "tools.convert", *args]
+    cmd = [sys.executable, "tools/convert.py", *args]
     if umask is not None:  # the shell sets it: no preexec_fn fork of a multithreaded (JAX) process
         cmd = ["/bin/sh", "-c", f'umask {umask:03o} && exec "$0" "$@"', *cmd]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -17,7 +17,7 @@ from qwen_jax.data.tokenization import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tools import convert  # noqa: E402
+from qwen_jax.hf import convert  # noqa: E402
 
 
 def run(module, *args, timeout=300):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from configs.model_presets import get_preset
 from qwen_jax import lint as lc
+from qwen_jax.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 MOE_PRESETS = ["qwen1.5-moe-a2.7b", "qwen2-57b-a14b", "qwen2-57b-a14b-instruct", "qwen3-30b-a3b", "qwen3-235b-a22b"]

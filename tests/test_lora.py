@@ -279,3 +279,186 @@ def test_tensor_mesh_scan_remat_blockwise_train_the_same(base, trained, tmp_path
     np.testing.assert_allclose([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=2e-5)
     assert os.path.isdir(os.path.join(workdir, "hf_adapter")) and not os.path.exists(
         os.path.join(workdir, "hf_export"))
+
+
+# ---------------------------------------------------------------- a bf16 base through a progressive length schedule
+SCHEDULE = "32:0,64:3"  # global batch 8 x 32 for steps 1-3, then 4 x 64 (tokens per batch held)
+BF16_ARGS = [
+    "--config.lora.rank=4", "--config.lora.alpha=8", "--config.lora.base_dtype=bfloat16",
+    f"--config.data.seq_len_schedule={SCHEDULE}", "--config.total_steps=6", "--config.save_every=3",
+    "--config.export_hf=true", "--config.optimizer.learning_rate=1e-2", "--config.optimizer.warmup_steps=0",
+    "--config.optimizer.schedule=constant", "--config.keep_checkpoints=2",
+]
+
+
+@pytest.fixture(scope="module")
+def bf16_scheduled(base, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("lora_bf16_schedule"))
+    result = tl.run(workdir, f"--config.model.init_from={base}", *BF16_ARGS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return workdir, result.stdout
+
+
+@pytest.mark.slow
+def test_schedule_changes_the_batch_shape_and_base_stays_bit_identical(base, bf16_scheduled):
+    from qwen_jax.data.schedule import parse_schedule
+    from qwen_jax.trainer.synthetic import SyntheticBatches
+
+    workdir, stdout = bf16_scheduled
+    assert "data schedule: 8 x 32 from step 0, 4 x 64 from step 3" in stdout
+    # each step's loss-token count is that of the synthetic batch of its stage's shape (they differ per shape)
+    records = {r["step"]: r for r in tl.all_records(workdir) if "loss" in r}
+    assert sorted(records) == list(range(1, 7))
+    scheduled = SyntheticBatches(8, 32, 512, stages=parse_schedule(SCHEDULE, seq_len=32, global_batch_size=8))
+    fixed = SyntheticBatches(8, 32, 512)
+    for step, rec in records.items():
+        batch = scheduled.global_batch(step - 1)
+        assert batch["input_ids"].shape == ((8, 32) if step <= 3 else (4, 64))
+        assert rec["loss_tokens"] == float(batch["loss_mask"].sum()), step
+        if step > 3:
+            assert rec["loss_tokens"] != float(fixed.global_batch(step - 1)["loss_mask"].sum()), step
+
+    # the frozen base (stored in bf16) is bit-identical to the Hugging Face base loaded in bf16
+    params = lora_lib.flatten(cf.restore_params(os.path.join(workdir, "checkpoints")))
+    start = lora_lib.flatten(nnx.to_pure_dict(nnx.state(qwen_jax.from_pretrained(base, param_dtype="bfloat16"),
+                                                        nnx.Param)))
+    assert {p for p in params if not lora_lib.is_adapter(p)} == set(start)
+    for path, value in start.items():
+        assert params[path].dtype == value.dtype == jnp.bfloat16, path
+        np.testing.assert_array_equal(np.asarray(params[path]), np.asarray(value), err_msg=path)
+
+
+@pytest.mark.slow
+def test_bf16_base_trains_and_exports_for_peft(base, bf16_scheduled):
+    from qwen_jax.data.schedule import parse_schedule
+    from qwen_jax.trainer.loss import reference_loss
+    from qwen_jax.trainer.synthetic import SyntheticBatches
+
+    workdir, _ = bf16_scheduled
+    assert all(np.isfinite(v) for v in tl.losses(workdir).values())
+    ckpt = os.path.join(workdir, "checkpoints")
+    params = lora_lib.flatten(cf.restore_params(ckpt))
+    cfg = load_hf_config(ckpt)
+
+    # the loss decreases: the batches the run trained on, through the model at step 0 (B = 0), 3 and 6
+    data = SyntheticBatches(8, 32, 512, stages=parse_schedule(SCHEDULE, seq_len=32, global_batch_size=8))
+    batches = [data.global_batch(k) for k in range(6)]
+    graphdef = lora_lib.abstract_model(cfg, lora_lib.LoraSpec(rank=4, alpha=8.0))[0]
+    forward = jax.jit(lambda m, b: reference_loss(m(b["input_ids"], b["positions"], b["segment_ids"]), b["targets"],
+                                                  b["loss_mask"]))
+
+    def mean_loss(flat):
+        model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, lora_lib.unflatten(flat)))
+        return float(np.mean([forward(model, b) for b in batches]))
+
+    at = {step: mean_loss(lora_lib.flatten(cf.restore_params(ckpt, step))) for step in (3, 6)}
+    at[0] = mean_loss({p: (np.zeros_like(v) if p.endswith("lora_b") else v) for p, v in params.items()})
+    print(f"[lora] bf16 base: mean loss over the trained batches at steps 0 / 3 / 6: {at[0]:.4f} / {at[3]:.4f} / "
+          f"{at[6]:.4f}")
+    assert at[6] < at[3] < at[0]
+
+    # storage: the base in bf16 (half the bytes of the float32 Hugging Face base), the adapters in float32
+    base_params = {p: v for p, v in params.items() if not lora_lib.is_adapter(p)}
+    adapters = {p: v for p, v in params.items() if lora_lib.is_adapter(p)}
+    assert len(adapters) == 2 * 7 and all(v.dtype == jnp.float32 for v in adapters.values())
+    fp32 = lora_lib.flatten(nnx.to_pure_dict(nnx.state(qwen_jax.from_pretrained(base), nnx.Param)))
+    assert all(v.dtype == jnp.float32 for v in fp32.values())
+    assert sum(v.nbytes for v in base_params.values()) * 2 == sum(v.nbytes for v in fp32.values())
+
+    # the merged export is a bf16 Hugging Face folder
+    merged = os.path.join(workdir, "hf_export")
+    with open(os.path.join(merged, "config.json")) as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(merged, "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())  # noqa: SIM118 (safe_open is not iterable)
+        assert names and {f.get_slice(n).get_dtype() for n in names} == {"BF16"}
+
+    # the adapter loads with peft on the bf16-rounded base and gives our logits; the merged folder is close to them
+    peft = _peft()
+    ids = random_ids(2, 20, vocab=512)
+    hf_base = _hf(base)
+    with torch.no_grad():  # the parameters only (`.to(bfloat16)` would round the rotary inv_freq buffer too)
+        for p in hf_base.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    base_logits = hf_logits(hf_base, ids)
+    ref = hf_logits(peft.PeftModel.from_pretrained(hf_base, os.path.join(workdir, "hf_adapter")).eval(), ids)
+    ours = _our_logits(cfg, lora_lib.LoraSpec(rank=4, alpha=8.0), lora_lib.unflatten(params), ids)
+    err_ours = _maxdiff(ours, ref)
+    err_merged = _maxdiff(hf_logits(_hf(merged), ids), ref)
+    err_base = _maxdiff(base_logits, ref)
+    print(f"[lora] bf16 base: ours vs peft {err_ours:.2e}; merged bf16 folder vs peft {err_merged:.2e}; "
+          f"(base vs peft {err_base:.2e})")
+    assert err_ours <= JAX_TOL and err_base > 100 * JAX_TOL and err_merged < err_base / 20
+
+
+# ---------------------------------------------------------------- the same update on any mesh / remat / accumulation
+def _lora_updates(mesh_shape: dict, *, remat: str = "none", accum: int = 1, steps: int = 2):
+    """(per-step losses, adapters after `steps`, the params) of the trainer's LoRA step on a tiny float32 model
+    (8 x 32 batches of synthetic data), on `mesh_shape` over the first devices it needs.
+
+    AdamW with eps 1e-4: with the default 1e-8 a gradient element within float noise of zero takes a sign-like
+    step, so summation order alone (accumulation, sharded sums) moves such an element by up to lr."""
+    from configs.base import get_config
+    from qwen_jax import sharding
+    from qwen_jax.config import config_from_dict
+    from qwen_jax.presets import get_preset
+    from qwen_jax.trainer import train_step as ts
+    from qwen_jax.trainer.synthetic import SyntheticBatches
+
+    c = get_config()
+    c.optimizer.warmup_steps, c.optimizer.learning_rate, c.optimizer.schedule = 0, 1e-2, "constant"
+    c.optimizer.eps = 1e-4
+    cfg = config_from_dict(get_preset("tiny"), vocab_size=512, dtype="float32", remat=remat)
+    spec = lora_lib.LoraSpec(rank=4, alpha=8.0)
+    n = int(np.prod(list(mesh_shape.values())))
+    mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:n])
+    graphdef, abstract, p_sh = ts.param_shardings(cfg, mesh, spec)
+    params = lora_lib.add_adapters(ts.init_params(cfg, 0, lora_lib.base_only(p_sh)), cfg, spec, abstract, p_sh, 0)
+    freeze = lora_lib.freeze_base(opt_lib.resolve_freeze(abstract), abstract, spec)
+    tx, sched = opt_lib.make_optimizer(abstract, c.optimizer, 10, freeze)
+    state_sh = ts.state_shardings(tx, abstract, p_sh, mesh)
+    state = ts.init_state(params, tx, 0, state_sh)
+    batch_sh = ts.batch_shardings(mesh, 8, 32)
+    step = ts.make_train_step(graphdef, tx, sched, freeze, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
+                              chunk_size=16, grad_accum_steps=accum)
+    data = SyntheticBatches(8, 32, 512)
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, {k: jax.device_put(v, batch_sh[k]) for k, v in next(data).items()})
+        losses.append(float(metrics["loss"]))
+    adapters = {p: np.asarray(v) for p, v in lora_lib.flatten(state["params"]).items() if lora_lib.is_adapter(p)}
+    return losses, adapters, state["params"]
+
+
+@pytest.fixture(scope="module")
+def one_device_update():
+    return _lora_updates({"fsdp": 1})
+
+
+def _assert_same_update(got, ref, what, tol=1e-5):
+    """Losses within `tol` relative; every adapter within `tol` of its own norm (both steps moved them)."""
+    (got_losses, got_adapters, _), (ref_losses, ref_adapters, _) = got, ref
+    np.testing.assert_allclose(got_losses, ref_losses, rtol=tol, err_msg=what)
+    worst = max(np.linalg.norm(got_adapters[p] - ref_adapters[p]) / np.linalg.norm(ref_adapters[p])
+                for p in ref_adapters)
+    print(f"[lora] {what}: losses {got_losses} vs {ref_losses}; worst |adapter - ref| / |ref| {worst:.1e}")
+    assert worst <= tol, what
+    assert min(np.linalg.norm(ref_adapters[p]) for p in ref_adapters if p.endswith("lora_b")) > 0  # B moved
+
+
+@pytest.mark.slow
+def test_fsdp_tensor_mesh_equals_one_device(one_device_update):
+    """8 devices (data 2 x fsdp 2 x tensor 2): adapters sharded like their kernels, the same two steps."""
+    got = _lora_updates({"data": 2, "fsdp": 2, "tensor": 2})
+    _assert_same_update(got, one_device_update, "data 2 x fsdp 2 x tensor 2 vs one device")
+    a, b = got[2]["layers"]["mlp"]["up_proj"]["lora_a"], got[2]["layers"]["mlp"]["up_proj"]["lora_b"]
+    assert a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None) and len(a.sharding.device_set) == 8
+    assert b.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+
+
+@pytest.mark.slow
+def test_remat_and_grad_accumulation_give_the_same_update(one_device_update):
+    _assert_same_update(_lora_updates({"fsdp": 1}, remat="full"), one_device_update, "remat full vs none")
+    _assert_same_update(_lora_updates({"fsdp": 1}, accum=2), one_device_update, "grad accumulation 2 vs 1")

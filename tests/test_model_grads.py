@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.model_presets import get_preset
 from qwen_jax.config import config_from_dict
 from qwen_jax.model import Qwen, unstack_layers
+from qwen_jax.presets import get_preset
 from qwen_jax.trainer.loss import model_loss_sums
 
 

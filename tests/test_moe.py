@@ -54,8 +54,8 @@ def _forward(model, ids):
 def test_config_keys():
     """MoE keys read with transformers' defaults, written back by to_hf_dict; v5's num_local_experts spelling;
     a depth override keeps the derived layer kinds in step."""
-    from configs.model_presets import get_preset
     from qwen_jax.config import config_from_dict, to_hf_dict
+    from qwen_jax.presets import get_preset
 
     raw = get_preset("qwen3-30b-a3b")
     cfg = config_from_dict(raw)
@@ -114,8 +114,8 @@ def test_layer_stacks_follow_sparse_step_and_mlp_only_layers(folders):
 
 @pytest.mark.parametrize("name", ["qwen2_ep", "qwen3_mixed_tied"])
 def test_logits_on_expert_mesh(folders, name):
-    """8 CPU devices, expert=4 x fsdp=2: experts sharded and computed per device (shard_map) when 4 divides their
-    count (8), replicated when not (7)."""
+    """8 CPU devices, expert=4 x fsdp=2: experts sharded and computed per device (shard_map, all-to-all dispatch by
+    default) when 4 divides their count (8), replicated when not (7); the logits equal one device's to rounding."""
     folder, hf = folders[name]
     ids = random_ids(4, 12)
     ref = hf_logits(hf, ids)
@@ -128,7 +128,10 @@ def test_logits_on_expert_mesh(folders, name):
         out = _forward(model, ids)
         program = str(jax.make_jaxpr(lambda x: model(x))(jnp.asarray(ids)))
     assert np.abs(out - ref).max() <= TOL
+    one_device = _forward(qwen_jax.from_pretrained(folder), ids)
+    np.testing.assert_allclose(out, one_device, rtol=1e-5, atol=1e-5 * np.abs(one_device).max())
     assert ("shard_map" in program) == (expected == "expert")  # expert-parallel path only when 4 divides E
+    assert ("all_to_all" in program) == (expected == "expert")
 
 
 def test_fused_expert_layout_reads_the_same(folders, tmp_path):
@@ -202,11 +205,20 @@ def _one_step(folder, mesh_shape, devices):
     return jax.tree.map(np.asarray, state["opt_state"]["grads"]), {k: float(v) for k, v in metrics.items()}, state
 
 
-@pytest.mark.slow  # two train-step compilations (ragged_dot gradients compile slowly on CPU)
-def test_train_step_expert_mesh_equals_one_device(folders):
-    folder = folders["qwen2_ep"][0]
-    grads1, m1, _ = _one_step(folder, {"fsdp": 1}, 1)
-    grads8, m8, state8 = _one_step(folder, {"expert": 4, "fsdp": 2}, 8)
+@pytest.fixture(scope="module")
+def one_device_step(folders):
+    grads, metrics, _ = _one_step(folders["qwen2_ep"][0], {"fsdp": 1}, 1)
+    return grads, metrics
+
+
+@pytest.mark.slow  # a train-step compilation each (ragged_dot gradients compile slowly on CPU)
+@pytest.mark.parametrize("mesh_shape", [{"expert": 4, "fsdp": 2}, {"expert": 2, "data": 2, "fsdp": 2}],
+                         ids=["expert4_fsdp2", "expert2_data2_fsdp2"])
+def test_train_step_expert_mesh_equals_one_device(folders, one_device_step, mesh_shape):
+    """The all-to-all dispatch (the default) in a whole train step with gradient accumulation: loss, router losses,
+    gradient norm and every gradient equal one device's.  (The all-gather dispatch's gradients: test_moe_dispatch.)"""
+    grads1, m1 = one_device_step
+    grads8, m8, state8 = _one_step(folders["qwen2_ep"][0], mesh_shape, 8)
     assert state8["params"]["layers"]["mlp"]["experts"]["up_proj"].sharding.spec[:2] == (None, "expert")
     assert m1["router_aux_loss"] > 0.9 and m1["router_z_loss"] > 0  # balanced routing gives ~1
     for key in ("loss", "router_aux_loss", "router_z_loss", "grad_norm"):
@@ -225,7 +237,7 @@ def test_train_step_expert_mesh_equals_one_device(folders):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2_mixed_untied", "qwen3_mixed_tied"])
 def test_convert_round_trip_bit_exact(folders, tmp_path, name):
-    from tools import convert
+    from qwen_jax.hf import convert
 
     folder = folders[name][0]
     ckpt = convert.hf_to_orbax(str(folder), str(tmp_path / "ckpt"))

@@ -23,7 +23,8 @@ assert heavy() == [], heavy()
 # the eager imports this package had, name by name
 from qwen_jax.config import ConfigError, QwenConfig, config_from_dict, load_hf_config
 from qwen_jax.generation import generate
-from qwen_jax.hf_io import CheckpointError, from_pretrained, load_model
+from qwen_jax.hf.models import from_pretrained, load_model
+from qwen_jax.hf.safetensors_io import CheckpointError
 from qwen_jax.model import Qwen
 assert sorted(qwen_jax.__all__) == sorted(["CheckpointError", "ConfigError", "Qwen", "QwenConfig", "config_from_dict",
                                            "from_pretrained", "generate", "load_model", "load_hf_config"])

@@ -1,13 +1,13 @@
-"""Model presets (configs/model_presets.py): they parse, transformers agrees on their size, and
+"""Model presets (qwen_jax/presets.py): they parse, transformers agrees on their size, and
 their sizes match the published parameter counts."""
 
 from __future__ import annotations
 
 import pytest
 
-from configs.model_presets import PRESETS, get_preset, preset_names
 from qwen_jax.config import config_from_dict, to_hf_dict
 from qwen_jax.model import num_params
+from qwen_jax.presets import PRESETS, get_preset, preset_names
 
 REAL = [name for name in PRESETS if name != "tiny"]
 

@@ -41,18 +41,19 @@ def _hf_folder_with_wrong_config(folder):
     """Every tensor a Qwen2 with intermediate_size 96 has (zeros; only the header matters), config.json saying 128."""
     from safetensors.numpy import save_file
 
-    from qwen_jax import hf_io
     from qwen_jax.config import config_from_dict
+    from qwen_jax.hf.models import abstract_model, flat_paths
+    from qwen_jax.hf.names import hf_names, hf_shape, param_table
 
     raw = {"model_type": "qwen2", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96,
            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
     cfg = config_from_dict(raw)
-    abstract = hf_io.flat_paths(hf_io.abstract_model(cfg)[1])
+    abstract = flat_paths(abstract_model(cfg)[1])
     tensors = {}
-    for spec in hf_io.param_table(cfg):
+    for spec in param_table(cfg):
         shape = abstract[spec.path].shape
-        for name in hf_io.hf_names(spec, cfg.num_hidden_layers):
-            tensors[name] = np.zeros(hf_io.hf_shape(spec, shape[1:] if spec.stacked else shape), np.float32)
+        for name in hf_names(spec, cfg.num_hidden_layers):
+            tensors[name] = np.zeros(hf_shape(spec, shape[1:] if spec.stacked else shape), np.float32)
     folder.mkdir()
     save_file(tensors, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({**raw, "intermediate_size": 128}))
@@ -91,6 +92,8 @@ BAD = [
     ("lr_nan", {"optimizer.learning_rate": float("nan")}, ["'optimizer.learning_rate'", "nan"]),
     ("lr_schedule", {"optimizer.schedule": "cosin"}, ["'optimizer.schedule'", "'cosin'"]),
     ("preset", {"model.preset": "qwen9-1b"}, ["'model.preset'", "'qwen9-1b'", "tiny"]),
+    ("moe_dispatch", {"model.moe_dispatch": "alltoall"}, ["'model.moe_dispatch'", "all_to_all | all_gather",
+                                                          "'alltoall'"]),
     ("overrides_type", {"model.overrides": "vocab_size=abc"}, ["'model.overrides'", "vocab_size", "'abc'"]),
     ("overrides_key", {"model.overrides": "vocab_sise=3"}, ["'model.overrides'", "'vocab_sise'"]),
     ("overrides_value", {"model.overrides": "vocab_size=-3"}, ["'vocab_size'", "-3"]),
@@ -212,8 +215,40 @@ def test_own_config_file_example_validates(tmp_path):
     (['--config.data.sources=[{"path": "/no/such/file.jsonl", "kind": "text"}]', "--config.synthetic_data=false"],
      ["data.sources[0].path", "/no/such/file.jsonl"]),
     (["--workdr=/tmp/x"], ["workdr"]),
+    # a coordinator without its partners: refused before jax.distributed.initialize (which would wait for one)
+    (["--coordinator_address=localhost:1234"], ["--coordinator_address given without", "--num_processes",
+                                                "--process_id"]),
+    (["--coordinator_address=localhost:1234", "--num_processes=2", "--process_id=2"], ["--process_id=2", "[0, 2)"]),
 ])
 def test_cli_bad_input(args, expect, tmp_path):
     result = tl.run(tmp_path / "run", *args)
     _assert_one_error_line(result.returncode, result.stderr, expect)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode, flags, environ, expect", [
+    ("env", ("h:1", None, None), {}, ["--coordinator_address given without --num_processes", "--process_id"]),
+    ("env", (None, None, 0), {}, ["--process_id given without --coordinator_address"]),
+    ("env", (None, 2, None), {"JAX_PROCESS_ID": "1"}, ["--num_processes and JAX_PROCESS_ID given without "
+                                                       "--coordinator_address (or JAX_COORDINATOR_ADDRESS)"]),
+    ("env", (None, None, None), {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two",
+                                 "JAX_PROCESS_ID": "0"}, ["JAX_NUM_PROCESSES='two'", "integer"]),
+    ("env", ("nohostport", 2, 0), {}, ["--coordinator_address='nohostport'", "host:port"]),
+    ("env", ("h:1", 0, 0), {}, ["--num_processes=0", ">= 1"]),
+    ("env", ("h:1", 2, -1), {}, ["--process_id=-1", "[0, 2)"]),
+    ("auto", ("h:1", None, None), {}, ["--coordinator_address", "--distributed=auto"]),
+])
+def test_distributed_flags_checked_as_a_set(mode, flags, environ, expect):
+    with pytest.raises(run_config.RunConfigError) as e:
+        run_config.distributed_settings(mode, *flags, environ)
+    for part in expect:
+        assert part in str(e.value), str(e.value)
+
+
+def test_distributed_settings_from_flags_or_environment():
+    assert not run_config.distributed_settings("env", None, None, None, {}).multi_process
+    got = run_config.distributed_settings("env", None, 4, None, {"JAX_COORDINATOR_ADDRESS": "h0:1234",
+                                                                  "JAX_PROCESS_ID": "3", "JAX_NUM_PROCESSES": "9"})
+    assert got == run_config.Distributed("h0:1234", 4, 3) and got.multi_process  # the flag wins over its variable
+    assert not run_config.distributed_settings("env", "h0:1234", 1, 0, {}).multi_process  # one process: no init
+    assert run_config.distributed_settings("off", None, None, None, {"JAX_PROCESS_ID": "3"}).coordinator_address is None

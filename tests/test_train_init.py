@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from qwen_jax.checkpoint import restore_params
-from qwen_jax.hf_io import from_pretrained
+from qwen_jax.hf.models import from_pretrained
 from qwen_jax.trainer import train_step as ts
 from qwen_jax.trainer.loss import reference_loss
 from qwen_jax.trainer.synthetic import SyntheticBatches

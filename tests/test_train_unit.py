@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from configs.base import get_config
-from configs.model_presets import get_preset
 from qwen_jax import sharding
 from qwen_jax.config import attention_flops_per_token, config_from_dict
 from qwen_jax.metrics import flops_per_token, matmul_params, peak_flops_per_device
+from qwen_jax.presets import get_preset
 from qwen_jax.trainer import optimizer as opt
 from qwen_jax.trainer import train_step as ts
 from qwen_jax.trainer.loss import reference_loss
@@ -150,7 +150,7 @@ def test_flops_convention():
 
 
 def _presets():
-    from configs.model_presets import preset_names
+    from qwen_jax.presets import preset_names
 
     return preset_names()
 

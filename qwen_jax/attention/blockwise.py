@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from qwen_jax.attention import registry
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
@@ -301,7 +303,8 @@ def attention_bwd(qs, k, v, aux: BlockAux, spec: BlockSpec, out, lse, dout, dlse
 # differentiable wrapper
 
 
-def _zero_cotangent(x):
+def zero_cotangent(x):
+    """Cotangent of a side array no gradient flows into (float0 for integers): every custom_vjp over `BlockAux`."""
     if x is None:
         return None
     if jnp.issubdtype(x.dtype, jnp.floating):
@@ -326,7 +329,7 @@ def _block_attention_bwd(spec, res, cts):
     qs, k, v, aux, out, lse = res
     dout, dlse = cts
     dqs, dk, dv = attention_bwd(qs, k, v, aux, spec, out, lse, dout, dlse)
-    daux = jax.tree.map(_zero_cotangent, aux)
+    daux = jax.tree.map(zero_cotangent, aux)
     return (tuple(dq.astype(q.dtype) for dq, q in zip(dqs, qs, strict=True)), dk.astype(k.dtype),
             dv.astype(v.dtype), daux)
 
@@ -358,3 +361,7 @@ def blockwise_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale
     out, lse = block_attention((q,), k, v, aux, spec)
     return (out, lse) if return_lse else out
 
+
+registry.register(registry.AttentionImpl(
+    "blockwise", blockwise_attention, options=("block_size",),
+    ring_core=registry.RingCore("blockwise", masks=True, auto_rank=1)))

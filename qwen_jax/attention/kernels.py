@@ -13,8 +13,9 @@
   sliding window) plus causality: O(seq) mask data, never a [seq, seq] array.  Falls back to
   cuDNN, then XLA, where tokamax is not installed or does not support the shape.
 
-JAX's cuDNN module (`jax._src.cudnn.fused_attention_stablehlo`) is private API; every use of it
-goes through `_cudnn_module()` below and is guarded by a support check with a public fallback.
+JAX's cuDNN module and tokamax's mask/kernel table are private API: every use goes through
+`qwen_jax.compat` and is guarded by a support check with a public fallback.  Both register here
+(`registry.py`): `cudnn` (also the ring's fused per-step core) and `kernel`.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from qwen_jax import compat
+from qwen_jax.attention import registry
+from qwen_jax.attention.blockwise import blockwise_attention
 from qwen_jax.attention.masks import attention_mask
-from qwen_jax.attention.reference import xla_attention
 
 # cuDNN's packed layout needs Hopper and cuDNN >= 9.6; older JAX scaled the key offsets by the
 # query head count (wrong with grouped-query attention), fixed in JAX 0.11.1: before that, K/V
 # heads are repeated for the packed call.
-_PACKED_MIN_CUDNN = 90600
-_PACKED_GQA_FIXED_JAX = (0, 11, 1)
-_PACKED_MASK = "PADDING_CAUSAL"  # causal inside each run; the run lengths are cuDNN's padding
+PACKED_MIN_CUDNN = 90600
+PACKED_GQA_FIXED_JAX = (0, 11, 1)
+PACKED_MASK = "PADDING_CAUSAL"  # causal inside each run; the run lengths are cuDNN's padding
 
 
 def default_max_segments(seq_len: int) -> int:
@@ -91,29 +94,22 @@ def cudnn_packed_supported() -> bool:
     if jax.default_backend() != "gpu":
         return False
     try:
-        import inspect
-
-        fa = _cudnn_module()
-        params = inspect.signature(fa.dot_product_attention).parameters
-        if not all(n in params for n in ("q_seqlen", "kv_seqlen", "q_offsets", "kv_offsets")):
-            return False
-        if not hasattr(fa.MaskType, _PACKED_MASK):
+        compat.cudnn_mask_type(PACKED_MASK)
+        if not compat.cudnn_packed_api():
             return False
         cc = tuple(int(x) for x in jax.devices()[0].compute_capability.split("."))
-        return cc >= (9, 0) and fa.check_cudnn_version() >= _PACKED_MIN_CUDNN
+        return cc >= (9, 0) and compat.cudnn_version() >= PACKED_MIN_CUDNN
     except Exception:
         return False
 
 
 def cudnn_packed_attention(q, k, v, seqlens, offsets, *, scale):
     """Causal attention inside each packed run (`packed_segments` layout) through cuDNN; differentiable."""
-    fa = _cudnn_module()
     h, kv = q.shape[2], k.shape[2]
-    if kv != h and tuple(jax.__version_info__[:3]) < _PACKED_GQA_FIXED_JAX:
+    if kv != h and tuple(jax.__version_info__[:3]) < PACKED_GQA_FIXED_JAX:
         k, v = (jnp.repeat(x, h // kv, axis=2) for x in (k, v))
-    return fa.dot_product_attention(q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets,
-                                    kv_offsets=offsets, scale=scale, mask_type=getattr(fa.MaskType, _PACKED_MASK),
-                                    qkv_layout="BTNH")
+    return compat.cudnn_attention(q, k, v, scale=scale, mask=PACKED_MASK, q_seqlen=seqlens, kv_seqlen=seqlens,
+                                  q_offsets=offsets, kv_offsets=offsets)
 
 
 def cudnn_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None, max_segments=None):
@@ -132,8 +128,6 @@ def cudnn_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=Non
                                             implementation="cudnn")
     bound = default_max_segments(t) if max_segments is None else int(max_segments)
     if bound > 0 and sliding_window is None and t == s and cudnn_packed_supported():
-        from qwen_jax.attention.blockwise import blockwise_attention
-
         return segmented_attention(q, k, v, segment_ids, scale=scale, max_segments=bound,
                                    packed_kernel=cudnn_packed_attention, fallback=blockwise_attention)
     mask = attention_mask(t, s, causal=True, sliding_window=sliding_window, q_segment_ids=segment_ids,
@@ -149,26 +143,16 @@ def cudnn_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=Non
 # public `jax.nn.dot_product_attention` offers neither, but its cuDNN module does:
 # `dot_product_attention(..., return_residual=True)` returns the float32 softmax statistics
 # (natural-log LSE, [b, h, t]), and the backward primitive takes the statistics and forward
-# output as operands.  Both are internal JAX API: `cudnn_block_supported` checks they exist and
-# `benchmarks/ring_scaling.py --check` compares the pair with `reference.dense_block_*` on GPU.
-
-
-def _cudnn_module():
-    from jax._src.cudnn import fused_attention_stablehlo as fa
-
-    return fa
+# output as operands.  Both are internal JAX API (`qwen_jax.compat`): `cudnn_block_supported`
+# checks they exist; tests/test_compat.py and `benchmarks/ring_scaling.py --check` compare the
+# pair with `reference.dense_block_*` on GPU.
 
 
 def cudnn_block_supported(dtype) -> bool:
     """cuDNN ring core usable here: GPU, 16-bit inputs, and JAX's cuDNN internals as expected."""
     if jax.default_backend() != "gpu" or jnp.dtype(dtype).itemsize != 2:
         return False
-    try:
-        fa = _cudnn_module()
-        return all(hasattr(fa, n) for n in ("dot_product_attention", "_dot_product_attention_bwd_p_wrapper",
-                                            "MaskType", "AttentionLayout"))
-    except Exception:
-        return False
+    return compat.cudnn_block_api()
 
 
 def _stat_to_rows(stat, b, t, h):
@@ -182,25 +166,18 @@ def _stat_to_rows(stat, b, t, h):
 
 def cudnn_block_fwd(q, k, v, *, causal: bool, scale: float):
     """(out float32 [b, tq, h, d], lse float32 [b, tq, h]) of one block pair through cuDNN flash attention."""
-    fa = _cudnn_module()
-    mask = fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK
-    out, stat = fa.dot_product_attention(q, k, v, scale=scale, mask_type=mask, qkv_layout="BTNH",
-                                         return_residual=True)
+    out, stat = compat.cudnn_attention(q, k, v, scale=scale, mask="CAUSAL" if causal else "NO_MASK",
+                                       return_residual=True)
     b, t, h, _ = q.shape
     return out.astype(jnp.float32), _stat_to_rows(stat, b, t, h)
 
 
 def cudnn_block_bwd(q, k, v, out, lse, dout, *, causal: bool, scale: float):
     """(dq, dk, dv) float32 of one block pair given the final `out`/`lse` of every query row (cuDNN backward)."""
-    fa = _cudnn_module()
-    mask = fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK
-    unused = jnp.zeros(0, q.dtype)
     stat = jnp.swapaxes(lse.astype(jnp.float32), 1, 2)  # [b, h, t]
-    grads = fa._dot_product_attention_bwd_p_wrapper.bind(
-        q, k, v, unused, unused, unused, unused, unused, unused, unused, stat, out.astype(q.dtype),
-        dout.astype(q.dtype), scale=scale, seed=42, dropout_rate=0.0, variadic_args=(False, False),
-        mask_type=mask, layout=fa.AttentionLayout.BTNH.value, sliding_window_length=None)
-    return tuple(x.astype(jnp.float32) for x in grads[:3])
+    grads = compat.cudnn_attention_bwd(q, k, v, stat, out.astype(q.dtype), dout.astype(q.dtype), scale=scale,
+                                       mask="CAUSAL" if causal else "NO_MASK")
+    return tuple(x.astype(jnp.float32) for x in grads)
 
 
 def segment_starts(segment_ids):
@@ -222,9 +199,7 @@ def tokamax_available() -> bool:
 
 def tokamax_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None, implementation=None):
     """Causal flash attention through tokamax; raises NotImplementedError where no kernel applies."""
-    from tokamax._src.ops.attention import base as tk_base
-    from tokamax._src.ops.attention.api import IMPLEMENTATIONS
-
+    kernels = compat.tokamax_kernels()
     platform = jax.default_backend()
     if implementation is None:
         implementation = ("mosaic_gpu", "triton") if platform == "gpu" else ("mosaic_tpu",)
@@ -236,14 +211,14 @@ def tokamax_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=N
     if sliding_window is not None:
         window_start = jnp.maximum(idx - (sliding_window - 1), 0)[None]
         k_start = window_start if k_start is None else jnp.maximum(k_start, window_start)
-    mask = tk_base.Mask(k_start=None if k_start is None else k_start[:, None, :], is_causal=True)
+    mask = compat.tokamax_mask(None if k_start is None else k_start[:, None, :], is_causal=True)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     errors = []
     for name in implementation:
-        if name not in IMPLEMENTATIONS:
+        if name not in kernels:
             continue
         try:
-            return IMPLEMENTATIONS[name](q, k, v, mask=mask, logits_scale=scale, bias=None, precision=None,
+            return kernels[name](q, k, v, mask=mask, logits_scale=scale, bias=None, precision=None,
                                          logits_soft_cap=None, q_sharding=None)
         except NotImplementedError as e:
             errors.append(f"{name}: {e}")
@@ -251,13 +226,19 @@ def tokamax_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=N
 
 
 def kernel_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None, max_segments=None):
-    """The fastest fused kernel available: tokamax, else cuDNN (GPU, 16-bit), else XLA."""
+    """The fastest fused kernel available: tokamax on GPU/TPU where it applies, else what `auto` picks."""
     if jax.default_backend() in ("gpu", "tpu") and tokamax_available():
         try:
             return tokamax_attention(q, k, v, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale)
         except NotImplementedError:
             pass
-    if jax.default_backend() == "gpu" and q.dtype.itemsize == 2:
-        return cudnn_attention(q, k, v, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale,
-                               max_segments=max_segments)
-    return xla_attention(q, k, v, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale)
+    return registry.attend(q, k, v, impl=registry.AUTO, segment_ids=segment_ids, sliding_window=sliding_window,
+                           scale=scale, max_segments=max_segments)
+
+
+registry.register(registry.AttentionImpl(
+    "cudnn", cudnn_attention, platforms=frozenset({"gpu"}), half_precision_only=True, options=("max_segments",),
+    ring_core=registry.RingCore("cudnn", cudnn_block_fwd, cudnn_block_bwd, supported=cudnn_block_supported,
+                                auto_rank=0),
+    auto_rank=0))
+registry.register(registry.AttentionImpl("kernel", kernel_attention, options=("max_segments",)))

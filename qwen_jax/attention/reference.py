@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from qwen_jax.attention import registry
 from qwen_jax.attention.masks import attention_mask
 
 
@@ -85,3 +86,8 @@ def dense_block_bwd(q, k, v, out, lse, dout, *, causal: bool, scale: float):
     dq = jnp.einsum("bkgts,bskd->btkgd", ds, k.astype(jnp.float32)).reshape(b, t, h, d)
     dk = jnp.einsum("bkgts,btkgd->bskd", ds, qg.astype(jnp.float32))
     return dq, dk, dv
+
+
+registry.register(registry.AttentionImpl(
+    "xla", xla_attention, dca="dense", ring_core=registry.RingCore("dense", dense_block_fwd, dense_block_bwd),
+    auto_rank=1))

@@ -35,19 +35,19 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from qwen_jax.attention import registry
 from qwen_jax.attention.blockwise import (
     BlockAux,
     BlockSpec,
-    _zero_cotangent,
     attention_bwd,
     attention_fwd,
     blockwise_attention,
+    zero_cotangent,
 )
+from qwen_jax.attention.dca_core import broadcast_rows, check_dca_inputs, dca_blockwise, dca_rotations, dca_row_scale
 from qwen_jax.sharding import axis_size
 
 LAYOUTS = ("zigzag", "contiguous")
-
-CORES = ("auto", "blockwise", "cudnn", "dense")
 
 # step kinds (lax.switch index); _DIAG is step 0 (a device's own block: causal on the diagonal)
 _ALL, _KV_FIRST_HALF, _Q_SECOND_HALF, _SKIP, _DIAG = 0, 1, 2, 3, 4
@@ -138,35 +138,25 @@ def _aux(q_idx, kv_idx, qside, kvside):
                     q_scale=q_scale)
 
 
-def _dense_core(core):
-    """(fwd, bwd) of a fused block kernel: the diagonal step is top-left causal, every other step unmasked."""
-    if core == "cudnn":
-        from qwen_jax.attention.kernels import cudnn_block_bwd, cudnn_block_fwd
-
-        return cudnn_block_fwd, cudnn_block_bwd
-    from qwen_jax.attention.reference import dense_block_bwd, dense_block_fwd
-
-    return dense_block_fwd, dense_block_bwd
-
-
 class _Ring:
     """Per-device ring over `axis_name`.  Query side: variants `qs` and `qside = (seg, pos, scale)`;
     travelling key side: `k, v, kvside = (seg, pos)` (None entries allowed).
 
-    `core`: what computes one step.  `blockwise`: the online-softmax kernel of `blockwise.py`
-    with masks from global token indices (segments, windows, DCA: anything).  `cudnn` / `dense`:
-    a fused kernel that only knows "causal on the diagonal" or "no mask", which is all a ring
-    needs without segments or windows: in both layouts the diagonal step is the device's own
-    block (local order is increasing), and every other step is either fully visible or, in the
-    zig-zag layout, a fully visible half (first half of the keys, or second half of the queries).
+    `core` (a `registry.RingCore`): what computes one step.  None or `blockwise`: the
+    online-softmax kernel of `blockwise.py` with masks from global token indices (segments,
+    windows, DCA: anything).  A core with `fwd`/`bwd` (`cudnn`, `dense`): a fused kernel that
+    only knows "causal on the diagonal" or "no mask", which is all a ring needs without segments
+    or windows: in both layouts the diagonal step is the device's own block (local order is
+    increasing), and every other step is either fully visible or, in the zig-zag layout, a fully
+    visible half (first half of the keys, or second half of the queries).
     """
 
-    def __init__(self, axis_name, n, layout, spec: BlockSpec, core="blockwise"):
+    def __init__(self, axis_name, n, layout, spec: BlockSpec, core: registry.RingCore | None = None):
         self.axis_name, self.n, self.layout, self.spec, self.core = axis_name, n, layout, spec, core
         self.perm = [(i, (i + 1) % n) for i in range(n)]
-        if core != "blockwise":
+        if core is not None and core.fwd is not None:
             self.step_fwd, self.step_bwd = self._dense_step_fwd, self._dense_step_bwd
-            self.block_fwd, self.block_bwd = _dense_core(core)
+            self.block_fwd, self.block_bwd = core.fwd, core.bwd
 
     # ---- steps through a fused kernel (no segments / window / DCA: checked by the caller)
     def _dense_step_fwd(self, kind, qs, qside, q_idx, kv, kv_idx):
@@ -324,7 +314,7 @@ class _Ring:
         return dqs, dk, dv
 
 
-def _make_local_fn(axis_name, n, layout, spec: BlockSpec, core="blockwise"):
+def _make_local_fn(axis_name, n, layout, spec: BlockSpec, core=None):
     """custom_vjp ring on local shards: (qs, k, v, qside=(seg, pos, scale)) -> out [b, tl, h, d]."""
     ring = _Ring(axis_name, n, layout, spec, core)
 
@@ -342,7 +332,7 @@ def _make_local_fn(axis_name, n, layout, spec: BlockSpec, core="blockwise"):
         qs, k, v, qside, out, lse = res
         dqs, dk, dv = ring.backward(qs, k, v, qside, out, lse, dout)
         return (tuple(dq.astype(q.dtype) for dq, q in zip(dqs, qs, strict=True)), dk.astype(k.dtype),
-                dv.astype(v.dtype), jax.tree.map(_zero_cotangent, qside))
+                dv.astype(v.dtype), jax.tree.map(zero_cotangent, qside))
 
     local.defvjp(fwd, bwd)
     return local
@@ -370,7 +360,7 @@ def _ring_size(mesh, axis_name):
     return mesh, n
 
 
-def _ring_call(qs, k, v, *, seg, pos, q_scale, mesh, n, axis_name, layout, spec_kw, block_size, core="blockwise"):
+def _ring_call(qs, k, v, *, seg, pos, q_scale, mesh, n, axis_name, layout, spec_kw, block_size, core=None):
     """shard_map the custom_vjp ring over `axis_name`; qs, k, v, seg, pos, q_scale are global arrays."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown ring layout {layout!r}; expected one of {LAYOUTS}")
@@ -403,18 +393,11 @@ def _ring_call(qs, k, v, *, seg, pos, q_scale, mesh, n, axis_name, layout, spec_
 
 
 def resolve_core(core: str, dtype, *, segment_ids=None, sliding_window=None) -> str:
-    """`auto` -> `cudnn` where a fused block kernel applies (GPU, 16-bit, no segments, no window), else `blockwise`."""
-    if core not in CORES:
-        raise ValueError(f"unknown ring core {core!r}; expected one of {CORES}")
-    plain = segment_ids is None and sliding_window is None
-    if core == "auto":
-        from qwen_jax.attention.kernels import cudnn_block_supported
+    """`auto` -> `cudnn` where a fused block kernel applies (GPU, 16-bit, no segments, no window), else `blockwise`.
 
-        return "cudnn" if plain and cudnn_block_supported(dtype) else "blockwise"
-    if core != "blockwise" and not plain:
-        raise ValueError(f"ring core {core!r} supports plain causal attention only (no segment_ids, no "
-                         "sliding_window); use core='blockwise'")
-    return core
+    The cores and their capabilities are the attention registry's (`registry.ring_core`).
+    """
+    return registry.ring_core(core, dtype, segment_ids=segment_ids, sliding_window=sliding_window).name
 
 
 def ring_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None, block_size=512, mesh=None,
@@ -436,7 +419,7 @@ def ring_attention(q, k, v, *, segment_ids=None, sliding_window=None, scale=None
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     seg = None if segment_ids is None else jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), q.shape[:2])
     spec_kw = dict(scale=scale, sliding_window=None if sliding_window is None else int(sliding_window))
-    core = resolve_core(core, q.dtype, segment_ids=segment_ids, sliding_window=sliding_window)
+    core = registry.ring_core(core, q.dtype, segment_ids=segment_ids, sliding_window=sliding_window)
     return _ring_call((q,), k, v, seg=seg, pos=None, q_scale=None, mesh=mesh, n=n, axis_name=axis_name,
                       layout=layout, spec_kw=spec_kw, block_size=block_size, core=core)
 
@@ -451,22 +434,23 @@ def ring_dca_attention(q, k, v, *, positions, segment_ids=None, inv_freq, chunk_
     positions, so every ring step is one online-softmax update of the single DCA softmax.
     Inputs in zig-zag order for `layout="zigzag"` (positions permuted with the tokens).
     """
-    from qwen_jax.attention.dca import _broadcast_rows, _check, _rotations, _row_scale, dca_blockwise
-
     mesh, n = _ring_size(mesh, axis_name)
     kw = dict(positions=positions, segment_ids=segment_ids, inv_freq=inv_freq, chunk_size=chunk_size,
               local_size=local_size, original_max_position_embeddings=original_max_position_embeddings, scale=scale)
     if n == 1:
         return dca_blockwise(q, k, v, block_size=block_size, **kw)
-    positions = _check(q, k, positions, chunk_size, local_size)
-    qs, kr = _rotations(q, k, positions, inv_freq, chunk_size, local_size)
-    seg = _broadcast_rows(segment_ids, q)
-    q_scale = _row_scale(positions, seg, original_max_position_embeddings)
+    positions = check_dca_inputs(q, k, positions, chunk_size, local_size)
+    qs, kr = dca_rotations(q, k, positions, inv_freq, chunk_size, local_size)
+    seg = broadcast_rows(segment_ids, q)
+    q_scale = dca_row_scale(positions, seg, original_max_position_embeddings)
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     spec_kw = dict(scale=scale, chunk_len=chunk_size - local_size)
     return _ring_call(qs, kr, v, seg=seg, pos=positions, q_scale=q_scale, mesh=mesh, n=n, axis_name=axis_name,
                       layout=layout, spec_kw=spec_kw, block_size=block_size)
 
+
+registry.register(registry.AttentionImpl("ring", ring_attention, sequence_parallel=True, options=("block_size",),
+                                         dca="ring"))
 
 __all__ = ["ring_attention", "resolve_core", "ring_dca_attention", "zigzag_permutation", "zigzag_inverse_permutation",
            "to_zigzag", "from_zigzag", "local_indices", "work_per_device", "step_work_per_device"]

@@ -21,6 +21,7 @@ import tempfile
 import grain
 import numpy as np
 
+from qwen_jax.data.chunks import Chunks
 from qwen_jax.data.sources import FileSource
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,6 @@ class CachedTokens:
 
 
 def build_or_load(cache_dir: str, source: FileSource, kind: str, tokenize, *, worker_count: int = 0) -> CachedTokens:
-    from qwen_jax.data.pipeline import _Chunks
     from qwen_jax.data.tokenization import TokenizeChunk
 
     os.makedirs(cache_dir, exist_ok=True)
@@ -81,7 +81,7 @@ def build_or_load(cache_dir: str, source: FileSource, kind: str, tokenize, *, wo
         return CachedTokens(final, source.index)
     log.info("building token cache %s (%d records)", final, len(source))
     tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".build-")
-    ds = _Chunks(grain.MapDataset.source(source), 256).map(TokenizeChunk(tokenize)).to_iter_dataset()
+    ds = Chunks(grain.MapDataset.source(source), 256).map(TokenizeChunk(tokenize)).to_iter_dataset()
     if worker_count > 0:
         from absl import flags
 

@@ -40,10 +40,11 @@ import grain
 import numpy as np
 
 from qwen_jax.data.cache import build_or_load
+from qwen_jax.data.chunks import Chunks
 from qwen_jax.data.errors import DataError
 from qwen_jax.data.packing import Lane, build_rows
 from qwen_jax.data.schedule import Stage, packing_lanes, parse_schedule, stage_at
-from qwen_jax.data.sources import FileSource, RawRecord, source_specs
+from qwen_jax.data.sources import SYNTHETIC_KINDS, RawRecord, open_source, source_specs
 from qwen_jax.data.tokenization import (
     BadRecordError,
     Tokenize,
@@ -85,28 +86,6 @@ class _LaneSelect(grain.MapDataset):
         return self._parent[self.global_index(j)]
 
 
-class _Chunks(grain.MapDataset):
-    """Element c = [parent[c*k], ..., parent[c*k + k - 1]] (the last chunk may be shorter)."""
-
-    def __init__(self, parent: grain.MapDataset, k: int):
-        super().__init__(parent)
-        self._k = k
-        n = len(parent)
-        self._len = sys.maxsize if n >= sys.maxsize else -(-n // k)
-        self._n = n
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __str__(self) -> str:
-        return f"Chunks({self._k})"
-
-    def __getitem__(self, c):
-        if isinstance(c, slice):
-            return self.slice(c)
-        return [self._parent[j] for j in range(c * self._k, min((c + 1) * self._k, self._n))]
-
-
 class Pipeline:
     """Built by :func:`make_pipeline`; see the module docstring."""
 
@@ -135,9 +114,13 @@ class Pipeline:
                                  self.chat_template, template_vars=self.tokenizer.special_tokens_map)
 
         self.cached = bool(cfg.cache_dir)
+        synthetic = sorted({s["kind"] for s in self.sources} & set(SYNTHETIC_KINDS))
+        if self.cached and synthetic:
+            raise DataError(f"data.cache_dir is set but a source is generated ({', '.join(synthetic)}): generated "
+                            "records are not cached; set data.cache_dir=''")
         parts = []
         for k, s in enumerate(self.sources):
-            src = FileSource(k, s["path"], strict=not cfg.skip_bad_records)
+            src = open_source(k, s, strict=not cfg.skip_bad_records)
             if self.cached:
                 src = build_or_load(cfg.cache_dir, src, s["kind"], self.tokenize, worker_count=int(cfg.worker_count))
             ds = grain.MapDataset.source(src)
@@ -149,10 +132,10 @@ class Pipeline:
         self.chunk_size = max(1, int(cfg.tokenize_chunk))
         if self.cached:  # records are already tokenized documents
             self.docs = self.lane_records
-            self.doc_chunks = _Chunks(self.lane_records, self.chunk_size)
+            self.doc_chunks = Chunks(self.lane_records, self.chunk_size)
         else:
             self.docs = self.lane_records.map(self.tokenize)  # random access (used to rebuild state)
-            self.doc_chunks = _Chunks(self.lane_records, self.chunk_size).map(TokenizeChunk(self.tokenize))
+            self.doc_chunks = Chunks(self.lane_records, self.chunk_size).map(TokenizeChunk(self.tokenize))
 
     # -- shapes ------------------------------------------------------------------------------------------------
     def stage_at(self, step: int) -> Stage:

@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from qwen_jax.data import passkey
 from qwen_jax.data.errors import DataError
 
-KINDS = ("chat", "continuation", "text")
+KINDS = ("chat", "continuation", "text")  # file sources
+SYNTHETIC_KINDS = (passkey.KIND,)  # generated sources: no path (qwen_jax/data/passkey.py)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.txt")
 DATA_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
@@ -41,7 +43,9 @@ class RawRecord:
 
 
 def source_specs(sources) -> list[dict]:
-    """``config.data.sources`` as plain dicts {path, kind, weight}, checked (DataError naming ``data.sources[i]``)."""
+    """``config.data.sources`` as plain dicts {path, kind, weight}, checked (DataError naming ``data.sources[i]``).
+
+    A synthetic kind (``passkey``) has no path ('' here) and its own settings under the key ``synthetic``."""
     if isinstance(sources, str | bytes) or not hasattr(sources, "__len__"):
         raise DataError(f"data.sources must be a list of {{\"path\", \"kind\", \"weight\"}} objects, got {sources!r}")
     if not sources:
@@ -52,19 +56,47 @@ def source_specs(sources) -> list[dict]:
         if not hasattr(s, "keys"):
             raise DataError(f"{key} must be an object with a 'path' (and 'kind', 'weight'), got {s!r}")
         s = dict(s)
+        kind = s.get("kind", "chat")
+        weight = check_weight(s.get("weight", 1.0), key)
+        if kind in SYNTHETIC_KINDS:
+            out.append({"path": "", "kind": kind, "weight": weight, "synthetic": passkey.passkey_spec(s, key)})
+            continue
         unknown = sorted(set(s) - {"path", "kind", "weight"})
         if unknown:
             raise DataError(f"{key}: unknown field(s) {unknown}; valid: path, kind, weight")
         if not isinstance(s.get("path"), str) or not s["path"]:
             raise DataError(f"{key}.path must be a file, glob or 'bundled:NAME', got {s.get('path')!r}")
-        kind = s.get("kind", "chat")
         if kind not in KINDS:
-            raise DataError(f"{key}.kind must be one of {KINDS}, got {kind!r}")
-        w = s.get("weight", 1.0)
-        if isinstance(w, bool) or not isinstance(w, int | float) or not w > 0:
-            raise DataError(f"{key}.weight must be a number > 0, got {w!r}")
-        out.append({"path": s["path"], "kind": kind, "weight": float(w)})
+            raise DataError(f"{key}.kind must be one of {KINDS + SYNTHETIC_KINDS}, got {kind!r}")
+        out.append({"path": s["path"], "kind": kind, "weight": weight})
     return out
+
+
+def check_weight(w, key: str) -> float:
+    if isinstance(w, bool) or not isinstance(w, int | float) or not w > 0:
+        raise DataError(f"{key}.weight must be a number > 0, got {w!r}")
+    return float(w)
+
+
+def open_source(index: int, spec: dict, strict: bool = True):
+    """The record source of one checked ``source_specs`` entry: its files, or a synthetic generator."""
+    if spec["kind"] == passkey.KIND:
+        return PasskeySource(index, spec["synthetic"])
+    return FileSource(index, spec["path"], strict)
+
+
+class PasskeySource:
+    """``size`` generated passkey trials (grain ``RandomAccessDataSource`` protocol); payload = the trial's dict."""
+
+    def __init__(self, index: int, spec: dict):
+        self.index, self.spec = index, dict(spec)
+
+    def __len__(self) -> int:
+        return int(self.spec["size"])
+
+    def __getitem__(self, i: int) -> RawRecord:
+        i = int(i) % len(self)
+        return RawRecord(self.index, f"passkey[{i}]", dataclasses.asdict(passkey.draw_trial(self.spec, i)))
 
 
 def resolve_paths(path: str, key: str = "data source") -> list[str]:

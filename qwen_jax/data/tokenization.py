@@ -20,6 +20,8 @@
   other part types are rejected.
 * continuation (``{"prompt", "completion"}``): prompt tokens (mask 0) + completion tokens + eos (mask 1).
 * text (``{"text"}``): text tokens + eos, all mask 1.
+* passkey (synthetic, :mod:`qwen_jax.data.passkey`): the passkey evaluation's prompt (mask 0) + the answer
+  " <key>" (mask 1).
 
 Which tokenizer and template (:func:`resolve_chat_setup`): ``data.tokenizer`` if set, else the model folder
 (``data.model_dir``; the trainer sets it to a Hugging Face ``model.init_from``) when it holds tokenizer files, else
@@ -48,6 +50,8 @@ import numpy as np
 
 from qwen_jax.atomic import atomic_write_text
 from qwen_jax.config import ConfigError, generation_eos_ids
+from qwen_jax.data.passkey import KIND as PASSKEY
+from qwen_jax.data.passkey import TokenEncoder, passkey_example
 from qwen_jax.data.sources import RawRecord
 
 log = logging.getLogger(__name__)
@@ -233,6 +237,7 @@ class Tokenize(grain.transforms.Map):
         self.chat_template = chat_template
         self.template_vars = dict(template_vars or {})
         self.has_generation_markers = bool(GENERATION_TAG.search(chat_template))
+        self.passkey_encoder = TokenEncoder(backend)
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None
                     ) -> tuple[str, list[tuple[int, int]] | None]:
@@ -263,6 +268,8 @@ class Tokenize(grain.transforms.Map):
                 ids, mask = self._chat(payload)
             elif kind == "continuation":
                 ids, mask = self._continuation(payload)
+            elif kind == PASSKEY:
+                ids, mask = passkey_example(self.passkey_encoder, payload)
             else:
                 ids, mask = self._text(payload)
         except _Invalid as e:

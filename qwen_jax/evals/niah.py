@@ -2,7 +2,8 @@
 
     python -m qwen_jax.evals.niah --model DIR|CKPT [--step N] [--task passkey|needle]
         [--lengths 1024,2048,4096] [--depths 0,0.25,0.5,0.75,1] [--trials 4] [--seed 0]
-        [--chat] [--dtype float32|bfloat16] --out DIR
+        [--chat] [--dtype float32|bfloat16] [--rope_scaling yarn:FACTOR[:ORIGINAL] | --dca chunk=N[,local=M]]
+        [--title TEXT] --out DIR
 
 * passkey (Mohtashami & Jaggi 2023): a random 5-digit key hidden in repeated filler
   ("The grass is green. The sky is blue. ..."); the model must continue
@@ -14,7 +15,12 @@ at `depth` of the haystack) are generated greedily in one batch; a trial succeed
 reply contains the key.  Writes `<out>/niah.json` (grid of accuracies, every trial's reply)
 and `<out>/niah.png` (heatmap: depth x length); a progress line per cell on stderr.  With
 `--chat` the prompt is one user turn in the tokenizer's chat template.  Bad input: one line
-`error: ...`, exit 2.  YaRN / DCA are whatever the model folder's config.json says.
+`error: ...`, exit 2.  YaRN / DCA are whatever the model folder's config.json says, unless overridden:
+
+* `--rope_scaling yarn:4` (or `linear:F`, `dynamic:F`): that RoPE scaling with factor F; YaRN's original length
+  is the third field, else the model's `max_position_embeddings` (the length it was trained at).
+* `--dca chunk=N[,local=M][,original=L0]`: Dual Chunk Attention (docs/long_context.md §DCA) with chunk size N,
+  local window M (default N // 8) and, when L0 is given, its length-dependent temperature.
 """
 
 from __future__ import annotations
@@ -135,6 +141,65 @@ def _fractions(text: str) -> list[float]:
     return values
 
 
+def rope_override(text: str) -> dict:
+    """`--rope_scaling KIND:FACTOR[:ORIGINAL]` as `QwenConfig` overrides."""
+    kind, _, rest = text.partition(":")
+    factor_text, _, original_text = rest.partition(":")
+    if kind not in ("linear", "dynamic", "yarn"):
+        raise UsageError(f"--rope_scaling {text!r}: expected linear|dynamic|yarn:FACTOR (e.g. yarn:4)")
+    try:
+        factor = float(factor_text)
+        original = int(original_text) if original_text else None
+    except ValueError:
+        raise UsageError(f"--rope_scaling {text!r}: expected {kind}:FACTOR[:ORIGINAL] with a number FACTOR "
+                         "and an integer ORIGINAL") from None
+    if not factor >= 1:
+        raise UsageError(f"--rope_scaling {text!r}: FACTOR must be >= 1")
+    if original is not None and (kind != "yarn" or original < 1):
+        raise UsageError(f"--rope_scaling {text!r}: ORIGINAL is a positive length, for yarn only")
+    rope = {"rope_type": kind, "factor": factor}
+    if original is not None:
+        rope["original_max_position_embeddings"] = original
+    return {"rope_parameters": rope}
+
+
+def dca_override(text: str) -> dict:
+    """`--dca chunk=N[,local=M][,original=L0]` as `QwenConfig` overrides."""
+    fields = {}
+    for item in text.split(","):
+        key, eq, value = item.strip().partition("=")
+        if key not in ("chunk", "local", "original") or not eq or key in fields:
+            raise UsageError(f"--dca {text!r}: expected chunk=N[,local=M][,original=L0]")
+        try:
+            fields[key] = int(value)
+        except ValueError:
+            raise UsageError(f"--dca {text!r}: {key} must be an integer, got {value!r}") from None
+    if "chunk" not in fields:
+        raise UsageError(f"--dca {text!r}: chunk=N is required")
+    chunk, local = fields["chunk"], fields.get("local", fields["chunk"] // 8)
+    if not 0 <= local < chunk:
+        raise UsageError(f"--dca {text!r}: need 0 <= local < chunk")
+    if fields.get("original", 0) < 0:
+        raise UsageError(f"--dca {text!r}: original must be >= 0")
+    return {"dual_chunk_attention": {"chunk_size": chunk, "local_size": local,
+                                     "original_max_position_embeddings": fields.get("original", 0)}}
+
+
+def frozen(overrides: dict) -> dict:
+    """Dict-valued config fields as the sorted item tuples `QwenConfig` holds (it is a jit static argument)."""
+    return {k: None if v is None else tuple(sorted(v.items())) for k, v in overrides.items()}
+
+
+def trained_length(model_dir: str) -> int:
+    """`max_position_embeddings` of the folder's (or checkpoint dir's) config.json: YaRN's default original."""
+    from qwen_jax.config import ConfigError, load_hf_config
+
+    try:
+        return load_hf_config(model_dir).max_position_embeddings
+    except ConfigError as e:
+        raise UsageError(f"--model {model_dir}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m qwen_jax.evals.niah", description="Passkey / needle retrieval over lengths x depths.")
     p.add_argument("--model", required=True)
@@ -146,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--rope_scaling", default=None, help="override the RoPE scaling: yarn:FACTOR[:ORIGINAL], ...")
+    p.add_argument("--dca", default=None, help="override with Dual Chunk Attention: chunk=N[,local=M][,original=L0]")
+    p.add_argument("--title", default=None, help="heatmap title (default: the task and the model folder)")
     p.add_argument("--out", required=True, help="folder for niah.json and niah.png")
     try:
         args = p.parse_args(argv)
@@ -154,16 +222,30 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--trials must be >= 1")
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise UsageError(f"--out {args.out}: not a folder")
-        model, tok = load_model(args.model, args.step, args.dtype, tokenizer=True)
+        if args.rope_scaling and args.dca:
+            raise UsageError("--rope_scaling and --dca are alternatives (DCA keeps the default RoPE frequencies)")
+        overrides = {}
+        if args.rope_scaling:
+            overrides = rope_override(args.rope_scaling)
+            rope = overrides["rope_parameters"]
+            if rope["rope_type"] == "yarn" and "original_max_position_embeddings" not in rope:
+                if not os.path.isdir(args.model):
+                    raise UsageError(f"--model {args.model}: not a directory")
+                rope["original_max_position_embeddings"] = trained_length(args.model)
+            overrides["dual_chunk_attention"] = None  # the scaling alone, whatever the folder says
+        elif args.dca:
+            overrides = dca_override(args.dca)
+        model, tok = load_model(args.model, args.step, args.dtype, tokenizer=True, **frozen(overrides))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = run_grid(model, tok, task=args.task, lengths=lengths, depths=depths, trials=args.trials, seed=args.seed,
                       chat=args.chat)
     result["model"] = os.path.abspath(args.model)
+    result["overrides"] = overrides
     os.makedirs(args.out, exist_ok=True)
     atomic_write_json(os.path.join(args.out, "niah.json"), result)
-    title = f"{args.task}: {os.path.basename(os.path.abspath(args.model))}"
+    title = args.title or f"{args.task}: {os.path.basename(os.path.abspath(args.model))}"
     atomic_write_text(os.path.join(args.out, "niah.png"), heatmap_png(result, title))
     print(json.dumps({"accuracy": result["accuracy"], "lengths": lengths, "depths": depths}))
     return 0

@@ -5,14 +5,16 @@ As transformers computes it: router logits -> float32 softmax -> top-k (renormal
 Qwen2-MoE adds a shared SwiGLU expert scaled by sigmoid(shared_expert_gate(x)).
 
 Dropless: no capacity factor.  The N*k (token, expert) assignments are sorted by expert, the
-rows gathered, and each projection is one grouped matmul (`jax.lax.ragged_dot`) over the
-contiguous expert groups; the outputs are un-permuted and summed over k.  Every token is
-computed, whatever the load.
+rows gathered, and each projection is one grouped matmul (`grouped_matmul`: `ragged_dot`, or
+Mosaic-GPU kernels on Hopper) over the contiguous expert groups; the outputs are un-permuted and
+summed over k.  Every token is computed, whatever the load.
 
 Expert weights are stacked `[experts, ...]` with the logical axis `experts`, which
 `qwen_jax.sharding` maps to the `expert` mesh axis (expert parallelism): each device stores
-and computes its own experts (`expert_parallel_swiglu`); an expert count the axis does not
-divide falls back to one grouped computation that XLA's partitioner distributes.
+and computes its own experts (`expert_parallel_swiglu`), the token rows reaching them by an
+all-to-all of the routed rows (default) or an all-gather of all rows (`QwenConfig.moe_dispatch`);
+an expert count the axis does not divide falls back to one grouped computation that XLA's
+partitioner distributes.
 
 The router also returns the statistics the load-balancing loss needs (per-expert top-k
 counts and probability sums, the z-loss sum), so training needs no second pass over the
@@ -21,6 +23,7 @@ router logits.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -29,6 +32,7 @@ from flax import nnx
 
 from qwen_jax.config import QwenConfig
 from qwen_jax.layers.common import normal, param
+from qwen_jax.layers.grouped_matmul import grouped_matmul
 from qwen_jax.layers.linear import Linear
 from qwen_jax.layers.mlp import MLP
 from qwen_jax.sharding import axis_size, constrain
@@ -75,13 +79,13 @@ def router_z_loss(stats: RouterStats) -> jax.Array:
     return stats.z / jnp.maximum(stats.tokens, 1.0)
 
 
-def grouped_swiglu(x, weights, experts, w_gate, w_up, w_down, first_expert=0):
+def grouped_swiglu(x, weights, experts, w_gate, w_up, w_down, first_expert=0, moe_matmul="auto"):
     """Dropless routed experts: x [n, e], weights/experts [n, k], w_gate/w_up [E, e, m], w_down [E, m, e] -> [n, e].
 
     Assignments are sorted by expert (stable, so equal experts keep token order) and each
-    projection is one `ragged_dot` over the expert groups.  The weights may hold only experts
-    `first_expert .. first_expert + E - 1` (expert parallelism): assignments to other experts sort
-    after every group and contribute zero.
+    projection is one `grouped_matmul` (`moe_matmul`: its implementation) over the expert groups.
+    The weights may hold only experts `first_expert .. first_expert + E - 1` (expert parallelism):
+    assignments to other experts sort after every group and contribute zero.
     """
     n, k = experts.shape
     local = w_gate.shape[0]
@@ -91,8 +95,9 @@ def grouped_swiglu(x, weights, experts, w_gate, w_up, w_down, first_expert=0):
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=local + 1)[:local].astype(jnp.int32)
     rows = jnp.take(x, order // k, axis=0)  # [n*k, e], grouped by expert
-    h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, group_sizes)) * jax.lax.ragged_dot(rows, w_up, group_sizes)
-    out = jax.lax.ragged_dot(h.astype(x.dtype), w_down, group_sizes)
+    dot = functools.partial(grouped_matmul, group_sizes=group_sizes, implementation=moe_matmul)
+    h = jax.nn.silu(dot(rows, w_gate)) * dot(rows, w_up)
+    out = dot(h.astype(x.dtype), w_down)
     scale = jnp.where(mine, weights, jnp.zeros_like(weights)).reshape(-1)
     out = out * jnp.take(scale, order)[:, None].astype(out.dtype)
     unsorted = jnp.take(out, jnp.argsort(order), axis=0)  # back to (token, k) order
@@ -103,23 +108,69 @@ def expert_axis_size() -> int:
     return axis_size("expert")
 
 
-def expert_parallel_swiglu(x, weights, experts, w_gate, w_up, w_down):
-    """`grouped_swiglu` with the experts split over the `expert` mesh axis (a `shard_map` manual in
-    that axis only; data/fsdp/tensor stay automatic): each device all-gathers the token rows of the
-    axis, computes its own experts' assignments, and the partial outputs are reduce-scattered back
-    to the token shards.  Each device stores 1/size of the expert weights and its groups hold only
-    the rows routed to its experts (the rows routed elsewhere lie past the last group, where
-    `ragged_dot` writes zeros); the exchange is an all-gather plus a reduce-scatter of
-    [tokens, embed], not an all-to-all of the routed rows."""
+def all_gather_experts(x, weights, experts, w_gate, w_up, w_down, moe_matmul="auto"):
+    """One `expert` shard's routed experts, all-gather dispatch (inside `expert_parallel_swiglu`'s shard_map):
+    gather every token row of the axis, compute the assignments of this shard's experts (the others sort
+    past the last group and count zero), reduce-scatter the partial outputs back to the token shards."""
     def gather(a):
         return jax.lax.all_gather(a, "expert", tiled=True)
 
-    def local(x, weights, experts, w_gate, w_up, w_down):
-        first = jax.lax.axis_index("expert") * w_gate.shape[0]
-        y = grouped_swiglu(gather(x), gather(weights), gather(experts), w_gate, w_up, w_down, first_expert=first)
-        return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+    first = jax.lax.axis_index("expert") * w_gate.shape[0]
+    y = grouped_swiglu(gather(x), gather(weights), gather(experts), w_gate, w_up, w_down, first_expert=first,
+                       moe_matmul=moe_matmul)
+    return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
 
+
+def all_to_all_experts(x, weights, experts, w_gate, w_up, w_down, moe_matmul="auto"):
+    """One `expert` shard's routed experts, all-to-all dispatch (inside `expert_parallel_swiglu`'s shard_map).
+
+    The shard's n*k (token, expert) assignments are sorted by expert, hence by the shard that holds
+    the expert, and each assignment's token row is sent to that shard only; the owner computes its
+    experts over the rows it received (one `ragged_dot` per projection) and sends the outputs back
+    the same way; the sender weights them and sums over k.  `jax.lax.all_to_all` exchanges equal
+    blocks, so each destination's block is sized for the dropless worst case: a token has at most
+    min(k, local experts) of its k distinct experts on one shard, so n * min(k, local) rows (unused
+    rows are zeros with an out-of-range expert id, which `grouped_swiglu` sorts last and counts zero).
+    """
+    n, k = experts.shape
+    size = jax.lax.axis_size("expert")
+    local = w_gate.shape[0]
+    block = n * min(k, local)
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # by expert, so by destination shard, local experts in order
+    dest = flat // local
+    counts = jnp.bincount(dest, length=size)
+    starts = jnp.cumsum(counts) - counts
+    slot = jnp.arange(block)
+    used = slot[None, :] < counts[:, None]  # [size, block]
+    picked = jnp.take(order, jnp.minimum(starts[:, None] + slot[None, :], n * k - 1))  # assignment per slot
+    send_rows = jnp.where(used[..., None], jnp.take(x, picked // k, axis=0), jnp.zeros((), x.dtype))
+    send_ids = jnp.where(used, jnp.take(flat, picked) - jnp.arange(size)[:, None] * local, local)
+
+    def exchange(a):  # block d goes to shard d; the blocks received are stacked in source order
+        return jax.lax.all_to_all(a.reshape(size * block, *a.shape[2:]), "expert", 0, 0, tiled=True)
+
+    rows, ids = exchange(send_rows), exchange(send_ids)
+    y = grouped_swiglu(rows, jnp.ones((size * block, 1), x.dtype), ids[:, None], w_gate, w_up, w_down,
+                       moe_matmul=moe_matmul)
+    back = exchange(y.reshape(size, block, -1))  # each output to the slot its row was sent from
+    sorted_dest = jnp.take(dest, order)
+    sent_from = sorted_dest * block + jnp.arange(n * k) - jnp.take(starts, sorted_dest)  # slot of sorted row j
+    per_assignment = jnp.take(back, jnp.take(sent_from, jnp.argsort(order)), axis=0)  # (token, k) order
+    out = per_assignment * weights.reshape(n * k, 1).astype(per_assignment.dtype)
+    return jnp.sum(out.reshape(n, k, -1), axis=1).astype(x.dtype)
+
+
+EXPERT_DISPATCH = {"all_to_all": all_to_all_experts, "all_gather": all_gather_experts}
+
+
+def expert_parallel_swiglu(x, weights, experts, w_gate, w_up, w_down, dispatch: str, moe_matmul: str = "auto"):
+    """`grouped_swiglu` with the experts split over the `expert` mesh axis: a `shard_map` manual in that
+    axis only (data/fsdp/tensor stay automatic), tokens and experts split over it, each shard storing
+    and computing 1/size of the experts.  `dispatch` (`QwenConfig.moe_dispatch`) picks how token rows
+    reach their experts' shards: `all_to_all_experts` or `all_gather_experts`."""
     spec = jax.sharding.PartitionSpec("expert")
+    local = functools.partial(EXPERT_DISPATCH[dispatch], moe_matmul=moe_matmul)
     return jax.shard_map(local, in_specs=(spec,) * 6, out_specs=spec, axis_names={"expert"},
                          check_vma=False)(x, weights, experts, w_gate, w_up, w_down)
 
@@ -131,6 +182,8 @@ class Experts(nnx.Module):
         e, m, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         init = normal(cfg.initializer_range)
         self.dtype = dtype
+        self.dispatch = cfg.moe_dispatch
+        self.moe_matmul = cfg.moe_matmul
         self.gate_proj = param(rngs, init, (n, e, m), ("experts", "embed", "moe_mlp"), param_dtype)
         self.up_proj = param(rngs, init, (n, e, m), ("experts", "embed", "moe_mlp"), param_dtype)
         self.down_proj = param(rngs, init, (n, m, e), ("experts", "moe_mlp", "embed"), param_dtype)
@@ -139,8 +192,9 @@ class Experts(nnx.Module):
         w = [p.value.astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         size = expert_axis_size()
         if size > 1 and w[0].shape[0] % size == 0 and x.shape[0] % size == 0:
-            return expert_parallel_swiglu(x.astype(self.dtype), weights, experts, *w)
-        return grouped_swiglu(x.astype(self.dtype), weights, experts, *w)
+            return expert_parallel_swiglu(x.astype(self.dtype), weights, experts, *w, dispatch=self.dispatch,
+                                          moe_matmul=self.moe_matmul)
+        return grouped_swiglu(x.astype(self.dtype), weights, experts, *w, moe_matmul=self.moe_matmul)
 
 
 class SparseMoE(nnx.Module):

@@ -50,8 +50,9 @@ def export_hf(ckpt_dir: str, out_dir: str, step: int, *, what: str = "Hugging Fa
     import jax
 
     from qwen_jax.atomic import atomic_write_json, honour_umask
+    from qwen_jax.hf.export import orbax_to_hf
+    from qwen_jax.hf.output import ConvertError
     from qwen_jax.metrics import say
-    from tools.convert import ConvertError, orbax_to_hf
 
     if jax.process_index() != 0:
         return

@@ -130,7 +130,7 @@ def run(config, workdir: str, hooks=()) -> int:
             if source == "preset":
                 params = ts.init_params(cfg, int(config.seed), base_sh)
             elif source == "hf":
-                from qwen_jax.hf_io import from_pretrained
+                from qwen_jax.hf.models import from_pretrained
 
                 model = from_pretrained(config.model.init_from, mesh=mesh, **overrides)
                 params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qwen_jax import lora as lora_lib
 from qwen_jax import sharding as sh
 from qwen_jax.config import QwenConfig
-from qwen_jax.hf_io import abstract_model
+from qwen_jax.hf.models import abstract_model
 from qwen_jax.layers.moe import load_balancing_loss, router_z_loss
 from qwen_jax.model import Qwen
 from qwen_jax.trainer.loss import model_loss_sums

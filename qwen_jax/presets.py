@@ -105,7 +105,6 @@ PRESETS: dict[str, dict] = {
     # users/juanola/experiments/e25_11_13_ctc/configurations/qwen2/qwen2_configs.py ("Qwen2-0_5B",
     # transformers_version 4.40.1, i.e. the file as released); same values in HF copies with
     # _name_or_path Qwen/Qwen2-0.5B (wanghaikuan/Qwen2-0.5B_merge_v2.9, chgk13/Qwen2-0.5B-openvino).
-    # Shapes cross-checked with shared/reference Qwen2-0.5B-Instruct.
     "qwen2-0.5b": _qwen2(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=131072,
@@ -115,7 +114,7 @@ PRESETS: dict[str, dict] = {
     # Qwen/Qwen2-1.5B.  Read: HF copy with _name_or_path Qwen/Qwen2-1.5B
     # (huggingface.co/glouriousgautam/Qwen2-1.5b-oasstguanaco-qdora-merged config.json, re-saved by
     # transformers 4.41.2, so transformers_version there is not Qwen's; the released file's version
-    # string was not found).  Shapes cross-checked with shared/reference Qwen2-1.5B-Instruct.
+    # string was not found).
     "qwen2-1.5b": _qwen2(
         vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
@@ -124,7 +123,7 @@ PRESETS: dict[str, dict] = {
     ),
     # Qwen/Qwen2-7B.  Read: HF copies with _name_or_path Qwen/Qwen2-7B (huggingface.co/alielfilali01/
     # PG7BB, heegyu/0713-qwen2-infini-qarv config.json, re-saved by transformers 4.41.2; released
-    # version string not found).  Shapes cross-checked with shared/reference Qwen2-7B-Instruct.
+    # version string not found).
     "qwen2-7b": _qwen2(
         vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
@@ -161,24 +160,24 @@ PRESETS: dict[str, dict] = {
         rms_norm_eps=1e-06, tie_word_embeddings=True, sliding_window=131072, max_window_layers=28,
         eos_token_id=151643, transformers_version="4.40.1",
     ),
-    # Qwen/Qwen2.5-3B.  Read: shared/reference/qwen-configs/real/Qwen2.5-3B (from
-    # github.com/citsjtu2020/LLM-Prof sglang/Model_Config.md).  32768 positions as published
-    # (the 1.5B sibling's published config was later moved to 131072).
+    # Qwen/Qwen2.5-3B.  Read: github.com/citsjtu2020/LLM-Prof sglang/Model_Config.md
+    # ("LLM-Prof Model_Config.md" below).  32768 positions as published (the 1.5B sibling's published
+    # config was later moved to 131072).
     "qwen2.5-3b": _qwen2(
         vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
         num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
         rms_norm_eps=1e-06, tie_word_embeddings=True, sliding_window=32768, max_window_layers=36,
         eos_token_id=151643, transformers_version="4.40.1",
     ),
-    # Qwen/Qwen2.5-7B.  Read: shared/reference/qwen-configs/real/Qwen2.5-7B (LLM-Prof
-    # Model_Config.md); same values in HF copy fblgit/cybertron-v4-qw7B-MGS (_name_or_path Qwen/Qwen2.5-7B).
+    # Qwen/Qwen2.5-7B.  Read: LLM-Prof Model_Config.md; same values in HF copy
+    # fblgit/cybertron-v4-qw7B-MGS (_name_or_path Qwen/Qwen2.5-7B).
     "qwen2.5-7b": _qwen2(
         vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
         rms_norm_eps=1e-06, tie_word_embeddings=False, sliding_window=131072, max_window_layers=28,
         eos_token_id=151643, transformers_version="4.40.1",
     ),
-    # Qwen/Qwen2.5-14B.  Read: shared/reference/qwen-configs/real/Qwen2.5-14B (LLM-Prof Model_Config.md).
+    # Qwen/Qwen2.5-14B.  Read: LLM-Prof Model_Config.md.
     "qwen2.5-14b": _qwen2(
         vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
         num_attention_heads=40, num_key_value_heads=8, max_position_embeddings=131072,
@@ -211,33 +210,33 @@ PRESETS: dict[str, dict] = {
         hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, max_position_embeddings=40960, tie_word_embeddings=True, max_window_layers=28,
     ),
-    # Qwen/Qwen3-1.7B.  Read: shared/reference/qwen-configs/real/Qwen3-1.7B (from
-    # github.com/mlc-ai/mlc-llm python/mlc_llm/model/model_preset.py "qwen3_1.7b").
+    # Qwen/Qwen3-1.7B.  Read: github.com/mlc-ai/mlc-llm
+    # python/mlc_llm/model/model_preset.py "qwen3_1.7b".
     "qwen3-1.7b": _qwen3(
         hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, max_position_embeddings=40960, tie_word_embeddings=True, max_window_layers=28,
     ),
-    # Qwen/Qwen3-4B.  Read: shared/reference/qwen-configs/real/Qwen3-4B (LLM-Prof Model_Config.md; that
-    # copy says transformers 4.51.2 / use_cache false, possibly re-saved); shapes also in HF copy
+    # Qwen/Qwen3-4B.  Read: LLM-Prof Model_Config.md (that copy says
+    # transformers 4.51.2 / use_cache false, possibly re-saved); shapes also in HF copy
     # MultiRL/qwen3_4b_instruct_sft (transformers 4.51.0).
     "qwen3-4b": _qwen3(
         hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=40960, tie_word_embeddings=True, max_window_layers=36,
     ),
-    # Qwen/Qwen3-8B.  Read: shared/reference/qwen-configs/real/Qwen3-8B (LLM-Prof Model_Config.md) and
+    # Qwen/Qwen3-8B.  Read: LLM-Prof Model_Config.md and
     # HF commit "Copy config.json from Qwen/Qwen3-8B" (huggingface.co/thejaminator/qwen-hook-layer-9/
     # commit/478fb720f1f3ced834fce0275b55b2732d438edc): identical.
     "qwen3-8b": _qwen3(
         hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=40960, tie_word_embeddings=False, max_window_layers=36,
     ),
-    # Qwen/Qwen3-14B.  Read: shared/reference/qwen-configs/real/Qwen3-14B (LLM-Prof Model_Config.md).
+    # Qwen/Qwen3-14B.  Read: LLM-Prof Model_Config.md.
     "qwen3-14b": _qwen3(
         hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
         num_key_value_heads=8, max_position_embeddings=40960, tie_word_embeddings=False, max_window_layers=40,
     ),
-    # Qwen/Qwen3-32B (no Qwen3-32B-Base was released).  Read: shared/reference/qwen-configs/real/Qwen3-32B
-    # (LLM-Prof Model_Config.md); same in HF copy ronnywebdevs1/d-m-1.  64 heads x 128 = 8192 != hidden 5120.
+    # Qwen/Qwen3-32B (no Qwen3-32B-Base was released).  Read: LLM-Prof
+    # Model_Config.md; same in HF copy ronnywebdevs1/d-m-1.  64 heads x 128 = 8192 != hidden 5120.
     "qwen3-32b": _qwen3(
         hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
         num_key_value_heads=8, max_position_embeddings=40960, tie_word_embeddings=False, max_window_layers=64,
