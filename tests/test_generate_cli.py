@@ -157,7 +157,7 @@ def test_evaluate_cli_bad_input(chat_folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("chat", [False, True])
 def test_niah_prompt_layout(chat_folder, chat):
-    from qwen_jax.evals.niah import TASKS, build_prompt
+    from qwen_jax.evals.prompts import TASKS, build_prompt
 
     tok = load_tokenizer(chat_folder[0])
     for task in TASKS:

@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 
 from qwen_jax.data.errors import DataError
-from qwen_jax.evals.niah import build_prompt
+from qwen_jax.evals.prompts import build_prompt
 
 KIND = "passkey"
 DEFAULTS = {"seed": 0, "min_length": 128, "max_length": 1016, "key_digits": 5, "size": 1_000_000}
