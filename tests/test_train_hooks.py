@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
-
 from configs.base import get_config
 from qwen_jax.trainer.hooks import Hook
 from qwen_jax.trainer.loop import run
@@ -41,7 +39,6 @@ class Recorder(Hook):
         self.events.append(("close",))
 
 
-@pytest.mark.slow  # one in-process compile of the train step
 def test_hooks_see_every_step_in_order_and_the_logged_metrics(tmp_path):
     c = get_config()
     c.synthetic_data = True
