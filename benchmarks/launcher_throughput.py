@@ -126,11 +126,7 @@ def main(argv=None) -> int:
         p.error(f"unknown --data/--peers value(s) {bad}" if bad else "--steps and --warmup must be >= 1")
     from qwen_jax.config import config_from_dict
     from qwen_jax.metrics import flops_per_token
-
-    try:
-        from qwen_jax.presets import get_preset
-    except ImportError:
-        from qwen_jax.presets import get_preset
+    from qwen_jax.presets import get_preset
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     for shape in shapes:
         try:
