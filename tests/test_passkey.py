@@ -13,7 +13,7 @@ import pytest
 from qwen_jax.config import load_hf_config
 from qwen_jax.data import DataError, default_config, make_pipeline
 from qwen_jax.data.tokenization import bundled_tokenizer_dir, load_tokenizer
-from qwen_jax.evals import niah
+from qwen_jax.evals import niah, prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = {"kind": "passkey", "seed": 3, "min_length": 40, "max_length": 120, "key_digits": 5}
@@ -33,20 +33,20 @@ def qwen_tok():
 
 def test_passkey_example_is_the_eval_prompt_with_the_key_at_its_depth(qwen_tok):
     p = pipeline()
-    intro = len(qwen_tok.encode(niah.INTRO))
-    question = len(qwen_tok.encode("\n" + niah.TASKS["passkey"][1] + " " + niah.TASKS["passkey"][2]))
+    intro = len(qwen_tok.encode(prompts.INTRO))
+    question = len(qwen_tok.encode("\n" + prompts.TASKS["passkey"][1] + " " + prompts.TASKS["passkey"][2]))
     for length, depth, key in ((120, 0.0, 10000), (120, 1.0, 99999), (97, 0.3, 31415), (64, 0.75, 27182)):
         doc = p.encode({"length": length, "depth": depth, "key": key})
         ids, mask = doc["ids"].tolist(), doc["mask"]
         answer = qwen_tok.encode(f" {key}")
         # the prompt is, token for token, what the evaluation asks (HF tokenizer, niah's builder)
-        assert ids[:length] == niah.build_prompt(qwen_tok, "passkey", length, depth, key, chat=False)
+        assert ids[:length] == prompts.build_prompt(qwen_tok, "passkey", length, depth, key, chat=False)
         assert len(ids) == length + len(answer) and ids[length:] == answer
         # loss on the answer only: its tokens decode to the key, everything before is context
         assert mask.tolist() == [0] * length + [1] * len(answer)
         assert qwen_tok.decode(doc["ids"][mask == 1]) == f" {key}"
         # the key sentence starts at `depth` of the filler between the intro and the question
-        needle = qwen_tok.encode(niah.TASKS["passkey"][0].format(key=key))
+        needle = qwen_tok.encode(prompts.TASKS["passkey"][0].format(key=key))
         starts = [i for i in range(length) if ids[i:i + len(needle)] == needle]
         filler = length - intro - len(needle) - question
         assert starts == [intro + int(round(depth * filler))]
