@@ -5,11 +5,10 @@
 
 Each result holds the new tokens only: up to and including the first stop id, else
 `max_new_tokens` of them.  How it runs: prompts are left-padded to a length bucket and
-prefilled in one call, then one jitted decode step per token (`Qwen.decode` over
-`qwen_jax.kv_cache`).  Prompt and cache lengths are rounded up to buckets
-(`kv_cache.length_bucket`), so other prompt/output lengths reuse the compilations.  The next
-step is dispatched before the host reads the current tokens, so the device never waits for
-Python.  On a sharded model (parameters placed on a mesh, e.g. `from_pretrained(mesh=...)`),
+prefilled in one call, then decoded in a device loop (`lax.while_loop` over `Qwen.decode` and
+`qwen_jax.kv_cache`) that stops when every row has produced a stop id; `stream` runs it a chunk
+of tokens per call.  Prompt and cache lengths are rounded up to buckets
+(`kv_cache.length_bucket`), so other prompt/output lengths reuse the compilations.  On a sharded model (parameters placed on a mesh, e.g. `from_pretrained(mesh=...)`),
 the cache is sharded over batch (data, fsdp) and kv heads (tensor).
 
 Sampling follows transformers' order: temperature, then top-k, then top-p (nucleus), then a
