@@ -8,7 +8,8 @@ Each result holds the new tokens only: up to and including the first stop id, el
 prefilled in one call, then decoded in a device loop (`lax.while_loop` over `Qwen.decode` and
 `qwen_jax.kv_cache`) that stops when every row has produced a stop id; `stream` runs it a chunk
 of tokens per call.  Prompt and cache lengths are rounded up to buckets
-(`kv_cache.length_bucket`), so other prompt/output lengths reuse the compilations.  On a sharded model (parameters placed on a mesh, e.g. `from_pretrained(mesh=...)`),
+(`kv_cache.length_bucket`), so other prompt/output lengths reuse the compilations.  On a
+sharded model (parameters placed on a mesh, e.g. `from_pretrained(mesh=...)`),
 the cache is sharded over batch (data, fsdp) and kv heads (tensor).
 
 Sampling follows transformers' order: temperature, then top-k, then top-p (nucleus), then a
