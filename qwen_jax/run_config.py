@@ -36,7 +36,7 @@ import types
 import typing
 from typing import Any
 
-from qwen_jax.config import MOE_DISPATCHES, ConfigError, QwenConfig
+from qwen_jax.config import MOE_DISPATCHES, MOE_MATMUL_IMPLS, ConfigError, QwenConfig
 from qwen_jax.data.errors import DataError
 from qwen_jax.data.schedule import Stage, packing_lanes, parse_schedule
 
@@ -265,6 +265,20 @@ def _check_at_least(config, key: str, low: int) -> int:
     return value
 
 
+def check_moe_matmul(cfg: QwenConfig) -> None:
+    """`model.moe_matmul=mosaic_gpu` names kernels that run only on a Hopper GPU: refused elsewhere
+    before anything is written, instead of failing inside the first compiled step."""
+    if cfg.moe_matmul != "mosaic_gpu":
+        return
+    from qwen_jax.layers.grouped_matmul import is_hopper  # imports jax: only when the choice is explicit
+
+    if not is_hopper():
+        import jax
+
+        raise RunConfigError(f"config key 'model.moe_matmul' is 'mosaic_gpu', which needs a Hopper GPU (compute "
+                             f"capability 9.x); this run has {jax.devices()[0].device_kind}: use auto or xla")
+
+
 def check_run_settings(config) -> None:
     """Run length, checkpoints, logging, loss and optimizer values."""
     for key in ("total_steps", "save_every", "keep_checkpoints", "log_every", "grad_accum_steps",
@@ -286,6 +300,9 @@ def check_run_settings(config) -> None:
     if config.model.moe_dispatch not in MOE_DISPATCHES:
         raise RunConfigError(f"config key 'model.moe_dispatch' must be {' | '.join(MOE_DISPATCHES)}, "
                              f"got {config.model.moe_dispatch!r}")
+    if config.model.moe_matmul not in MOE_MATMUL_IMPLS:
+        raise RunConfigError(f"config key 'model.moe_matmul' must be {' | '.join(MOE_MATMUL_IMPLS)}, "
+                             f"got {config.model.moe_matmul!r}")
     if config.get("nonfinite", "stop") not in ("stop", "skip"):
         raise RunConfigError(f"config key 'nonfinite' must be stop | skip, got {config.nonfinite!r}")
     z = config.loss.z_loss
@@ -551,6 +568,7 @@ def validate(config, workdir: str | None, *, num_devices: int, process_count: in
     shape = mesh_shape(config, num_devices)
     cfg, source, overrides = model_config(config)
     check_freeze_layers(config, cfg)
+    check_moe_matmul(cfg)
     stages = data_stages(config.data)
     accum = int(config.grad_accum_steps)
     check_stages(stages, mesh=shape, grad_accum_steps=accum, process_count=process_count, attention=cfg.attention)

@@ -94,6 +94,8 @@ BAD = [
     ("preset", {"model.preset": "qwen9-1b"}, ["'model.preset'", "'qwen9-1b'", "tiny"]),
     ("moe_dispatch", {"model.moe_dispatch": "alltoall"}, ["'model.moe_dispatch'", "all_to_all | all_gather",
                                                           "'alltoall'"]),
+    ("moe_matmul", {"model.moe_matmul": "cutlass"}, ["'model.moe_matmul'", "auto | xla | mosaic_gpu", "'cutlass'"]),
+    ("moe_matmul_off_hopper", {"model.moe_matmul": "mosaic_gpu"}, ["'model.moe_matmul'", "Hopper", "auto or xla"]),
     ("overrides_type", {"model.overrides": "vocab_size=abc"}, ["'model.overrides'", "vocab_size", "'abc'"]),
     ("overrides_key", {"model.overrides": "vocab_sise=3"}, ["'model.overrides'", "'vocab_sise'"]),
     ("overrides_value", {"model.overrides": "vocab_size=-3"}, ["'vocab_size'", "-3"]),
