@@ -20,7 +20,9 @@ Each (framework, shape, variant) runs in its own subprocess, ours first; --deadl
 (a worker gets the time left, rows not reached say so) so one 600 s GPU call always ends with the table.
 Step time = median over --blocks blocks of --steps back-to-back steps (one sync per block); peak
 device memory from the allocator (jax `memory_stats()['peak_bytes_in_use']`, torch `max_memory_allocated`),
-which includes the model; `fits` compares it with --fit_gib (24).  Results: table on stdout, JSON in
+over the whole process (init and steps); `fits` compares it with --fit_gib (24).  Ours also reports the
+peak after init alone (`peak_init_gib`, "init GiB") and the step's planned peak from XLA's memory analysis of
+the compiled step (`step_gib` = arguments + outputs - donated + temporaries, "plan GiB").  Results: table on stdout, JSON in
 benchmarks/results/lora_speed.json (not with --tiny) and in --out.
 """
 
@@ -96,19 +98,44 @@ def build_lora_step(preset: str, seq: int, batch: int, variant: str, rank: int, 
     return step, state, [make_batch() for _ in range(3)], freeze.summary(abstract)["trainable"]
 
 
+def compiled_step(step, state, batch):
+    """(step running the AOT-compiled executable, compile seconds, its memory analysis in GiB).
+
+    `step_gib` = arguments + outputs - donated aliases + temporaries: the step's own peak as XLA planned
+    it, which the allocator's peak (`peak_gib`, since the process started) cannot isolate from init."""
+    import jax
+
+    t0 = time.perf_counter()
+    with jax.set_mesh(step.mesh):
+        compiled = step.jitted.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    gib = {k: getattr(m, f"{k}_size_in_bytes") / 2**30 for k in ("argument", "output", "alias", "temp")} if m else {}
+    if gib:
+        gib["step"] = gib["argument"] + gib["output"] - gib["alias"] + gib["temp"]
+
+    def run(state, batch):
+        with jax.set_mesh(step.mesh):
+            return compiled(state, batch)
+
+    return run, compile_s, gib
+
+
 def worker_jax(preset, seq, batch, variant, steps, blocks, rank):
     import jax
 
     step, state, batches, trainable = build_lora_step(preset, seq, batch, variant, rank)
-    t0 = time.perf_counter()
+    init_stats = jax.devices()[0].memory_stats() or {}
+    step, compile_s, planned = compiled_step(step, state, batches[0])
     state, m, _ = run_steps(step, state, batches, 1)
-    compile_s = time.perf_counter() - t0
     state, m, _ = run_steps(step, state, batches, 2, timed=False)
     state, m, synced = run_steps(step, state, batches, steps)
     state, m, per_block = block_times(step, state, batches, steps, blocks)
     stats = jax.devices()[0].memory_stats() or {}
     return dict(step_s=statistics.median(per_block), step_s_blocks=per_block, step_s_synced=statistics.median(synced),
                 compile_s=compile_s, loss=float(m["loss"]), peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
+                peak_init_gib=init_stats.get("peak_bytes_in_use", 0) / 2**30,
+                step_gib=planned.get("step", 0.0), step_temp_gib=planned.get("temp", 0.0),
                 trainable=trainable, device=jax.devices()[0].device_kind, jax=jax.__version__,
                 xla_flags=os.environ.get("XLA_FLAGS", ""))
 
@@ -156,14 +183,14 @@ def run_worker(framework, shape, variant, args, timeout):
     return run_result_subprocess(cmd, env, timeout, ROOT)
 
 
-TINY = dict(shapes="tiny:32x1", variants="xla/none/noscan/16,xla/full/scan/16", steps=1, blocks=1)
+TINY = dict(shapes="tiny:32x1", variants="xla/none/noscan/16,xla/save_attention/scan/16", steps=1, blocks=1)
 
 
 def main():
     start = time.monotonic()
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="7b:4096x1", help="comma-separated size:SEQxBATCH (train_throughput.py's)")
-    p.add_argument("--variants", default="cudnn/full/noscan/2048,cudnn/dots_no_batch/noscan/2048",
+    p.add_argument("--variants", default="cudnn/save_attention/scan/1024,cudnn/full/scan/1024,cudnn/full/noscan/2048",
                    help="comma-separated attention/remat/scan|noscan/loss_chunk (ours)")
     p.add_argument("--torch_variants", default="plain,ckpt", help="plain | ckpt (gradient checkpointing)")
     p.add_argument("--rank", type=int, default=16)
@@ -241,7 +268,7 @@ def main():
     print(f"\n{datetime.date.today()}  {device}  LoRA rank {args.rank}, all projections, bf16 frozen base; "
           f"ours/peft = fastest peft step / ours")
     print(f"{'shape':<14}{'framework':<10}{'variant':<30}{'tok/s':>9}{'step ms':>9}{'synced':>8}{'peak GiB':>9}"
-          f"{'fits ' + format(args.fit_gib, 'g'):>8}{'trainable':>12}{'ours/peft':>10}")
+          f"{'fits ' + format(args.fit_gib, 'g'):>8}{'init GiB':>9}{'plan GiB':>9}{'trainable':>12}{'ours/peft':>10}")
     for r in rows:
         if "error" in r:
             print(f"{r['shape']:<14}{r['framework']:<10}{r['variant']:<30}  {r['error'][:60]}")
@@ -250,6 +277,7 @@ def main():
         fits = ("yes" if r["fits"] else "no") if r["peak_gib"] else "n/a"
         print(f"{r['shape']:<14}{r['framework']:<10}{r['variant']:<30}{r['tokens_per_s']:>9.0f}"
               f"{r['step_s'] * 1e3:>9.1f}{r['step_s_synced'] * 1e3:>8.1f}{r['peak_gib']:>9.2f}{fits:>8}"
+              f"{r.get('peak_init_gib', 0):>9.2f}{r.get('step_gib', 0):>9.2f}"
               f"{r['trainable']:>12,}{ratio:>10}")
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype (activations, matmul inputs)
     c.model.param_dtype = "float32"  # master parameter dtype (optimizer state follows it)
     c.model.attention = "auto"  # auto (cuDNN on GPU in 16-bit, else xla) | xla | blockwise | cudnn | kernel | ring
-    c.model.remat = "none"  # none | full | dots | dots_no_batch
+    c.model.remat = "none"  # none | full | dots | dots_no_batch | save_attention (docs/training.md)
     c.model.moe_dispatch = "all_to_all"  # mesh expert > 1: all_to_all (routed rows) | all_gather (docs/moe.md)
     c.model.moe_matmul = "auto"  # MoE experts: auto (Mosaic-GPU on Hopper in 16-bit, else xla) | xla | mosaic_gpu
     c.model.scan_layers = False  # lax.scan over decoder layers: faster compiles for deep models

@@ -30,6 +30,7 @@ MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shar
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 MOE_DISPATCHES = ("all_to_all", "all_gather")  # how token rows reach their experts' shards (docs/moe.md)
 MOE_MATMUL_IMPLS = ("auto", "xla", "mosaic_gpu")  # grouped matmul of the experts (layers/grouped_matmul.py)
+REMAT_VALUES = ("none", "full", "dots", "dots_no_batch", "save_attention")  # model.remat; see model.REMAT_POLICIES
 # Keys of a YaRN/linear/dynamic dict we understand; anything else is kept but unused.
 _ROPE_KEYS = {
     "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings",
@@ -92,7 +93,7 @@ class QwenConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     attention: str = "xla"  # a name of the attention registry (qwen_jax/attention/registry.py)
     scan_layers: bool = False  # lax.scan over decoder layers (compile time) vs unrolled loop
-    remat: str = "none"  # rematerialisation policy: none | full | dots | dots_no_batch
+    remat: str = "none"  # rematerialisation policy: none | full | dots | dots_no_batch | save_attention
     moe_dispatch: str = "all_to_all"  # expert parallelism (mesh expert > 1): one of MOE_DISPATCHES
     attention_block_size: int = 512  # key/query block for blockwise and ring attention
     # cuDNN packed layout: bound on documents (runs of segment ids) per row; 0 = from the row length
@@ -206,8 +207,8 @@ class QwenConfig:
             bad("moe_dispatch", f"must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
         if self.moe_matmul not in MOE_MATMUL_IMPLS:
             bad("moe_matmul", f"must be one of {MOE_MATMUL_IMPLS}, got {self.moe_matmul!r}")
-        if self.remat not in ("none", "full", "dots", "dots_no_batch"):
-            bad("remat", f"must be none | full | dots | dots_no_batch, got {self.remat!r}")
+        if self.remat not in REMAT_VALUES:
+            bad("remat", f"must be {' | '.join(REMAT_VALUES)}, got {self.remat!r}")
         if isinstance(self.attention_max_segments, bool) or not isinstance(self.attention_max_segments, int) \
                 or self.attention_max_segments < 0:
             bad("attention_max_segments", f"must be a non-negative integer, got {self.attention_max_segments!r}")

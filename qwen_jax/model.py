@@ -21,12 +21,13 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from qwen_jax import rope as rope_lib
 from qwen_jax.attention import DcaContext
 from qwen_jax.config import QwenConfig
 from qwen_jax.kv_cache import KVCache
-from qwen_jax.layers.attention import Attention
+from qwen_jax.layers.attention import ATTENTION_NAMES, Attention
 from qwen_jax.layers.embedding import Embed
 from qwen_jax.layers.linear import Linear
 from qwen_jax.layers.mlp import MLP
@@ -34,10 +35,17 @@ from qwen_jax.layers.moe import RouterStats, SparseMoE
 from qwen_jax.layers.normalization import RMSNorm
 from qwen_jax.sharding import axis_size, constrain
 
+ATTENTION_RESIDUAL = "attention_residual"  # checkpoint name of x + attention(x), the MLP block's input
+
+# `model.remat` -> what a decoder layer keeps for the backward pass (the rest is recomputed there).
+# save_attention keeps the attention block's projections, output and residual (ATTENTION_NAMES,
+# about 3 x [seq, embed] per layer) and recomputes only norms, RoPE, the attention kernel's forward
+# and the MLP's gate/up matmuls, whose [seq, intermediate] outputs are the largest activations.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_attention": jax.checkpoint_policies.save_only_these_names(*ATTENTION_NAMES, ATTENTION_RESIDUAL),
 }
 
 
@@ -108,7 +116,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, *, rope, positions, segment_ids, sliding_window, impl):
         h = self.self_attn(self.input_layernorm(x), rope=rope, positions=positions, segment_ids=segment_ids,
                            sliding_window=sliding_window, impl=impl)
-        x = x + h
+        x = checkpoint_name(x + h, ATTENTION_RESIDUAL)
         stats = None
         if isinstance(self.mlp, SparseMoE):
             h, stats = self.mlp(self.post_attention_layernorm(x), None if segment_ids is None else segment_ids > 0)
@@ -270,7 +278,10 @@ class Qwen(nnx.Module):
             return layer(x, sliding_window=sliding_window, impl=impl, **kw)
 
         if self.cfg.remat != "none":
-            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+            # unrolled layers need prevent_cse: XLA would otherwise merge the backward's recomputation
+            # with the forward pass and keep every activation (inside a scan it cannot)
+            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.cfg.remat],
+                                       prevent_cse=not self.cfg.scan_layers)
         if self.cfg.scan_layers:
             x, stats = jax.lax.scan(one_layer, x, layers)
             return x, None if stats is None else jax.tree.map(lambda a: jnp.sum(a, axis=0), stats)

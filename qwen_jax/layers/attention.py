@@ -7,6 +7,7 @@ only owns the parameters and the rotation, so every backend sees the same q/k/v.
 from __future__ import annotations
 
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from qwen_jax import attention as attention_ops
 from qwen_jax import kv_cache
@@ -15,6 +16,10 @@ from qwen_jax.layers.linear import Linear
 from qwen_jax.layers.normalization import RMSNorm
 from qwen_jax.rope import apply_rope
 from qwen_jax.sharding import constrain
+
+# checkpoint names of the attention block's saved tensors: q, k, v (projected, before RoPE) and the
+# attention output (the o_proj input); the decoder layer adds the residual after attention
+ATTENTION_NAMES = ("attention_q", "attention_k", "attention_v", "attention_out")
 
 
 class Attention(nnx.Module):
@@ -36,8 +41,11 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs, axes=("head_dim",))
 
     def __call__(self, x, *, rope, positions, segment_ids, sliding_window, impl):
-        """x [batch, seq, embed]; rope = (cos, sin) tables or a DCA context; returns [batch, seq, embed]."""
-        q, k, v = self._project(x)
+        """x [batch, seq, embed]; rope = (cos, sin) tables or a DCA context; returns [batch, seq, embed].
+
+        The projections and the attention output carry `checkpoint_name`s (ATTENTION_NAMES) so a
+        remat policy (`model.remat=save_attention`) can keep them instead of recomputing them."""
+        q, k, v = (checkpoint_name(a, n) for a, n in zip(self._project(x), ATTENTION_NAMES[:3], strict=True))
         if isinstance(rope, attention_ops.DcaContext):
             out = attention_ops.dca(q, k, v, ctx=rope, positions=positions, segment_ids=segment_ids,
                                     impl=impl, block_size=self.cfg.attention_block_size)
@@ -47,7 +55,7 @@ class Attention(nnx.Module):
             out = attention_ops.attend(q, k, v, impl=impl, segment_ids=segment_ids, sliding_window=sliding_window,
                                        block_size=self.cfg.attention_block_size,
                                        max_segments=self.cfg.attention_max_segments or None)
-        out = constrain(out, ("batch", "length", "act_heads", None))
+        out = checkpoint_name(constrain(out, ("batch", "length", "act_heads", None)), ATTENTION_NAMES[3])
         return self.o_proj(out)
 
     def decode(self, x, *, rope, positions, cache, layer_cache, sliding_window):

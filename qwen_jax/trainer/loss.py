@@ -163,7 +163,14 @@ def _fused_ce(hidden, w_out, targets, loss_mask, chunk_size, z_weight, vocab_maj
 
 
 def _fused_ce_fwd(hidden, w_out, targets, loss_mask, chunk_size, z_weight, vocab_major):
-    """Loss and, chunk by chunk, its gradient w.r.t. hidden and w_out (3 matmuls per chunk)."""
+    """Loss and, chunk by chunk, its gradient w.r.t. hidden and w_out (3 matmuls per chunk).
+
+    The arguments arrive as `CustomVJPPrimal`s (`symbolic_zeros=True`): when `w_out` is not
+    differentiated (a frozen output projection, e.g. a LoRA base) its gradient is not computed,
+    which saves a vocab-sized matmul per chunk and the float32 [embed, vocab] accumulator.
+    """
+    want_dw = w_out.perturbed
+    hidden, w_out, targets, loss_mask = (a.value for a in (hidden, w_out, targets, loss_mask))
     b, t, e = hidden.shape
     hs, ts, ms = _chunks(hidden, targets, loss_mask, chunk_size)
     w = w_out.astype(hidden.dtype)
@@ -180,16 +187,18 @@ def _fused_ce_fwd(hidden, w_out, targets, loss_mask, chunk_size, z_weight, vocab
         dlogits = p * scale[..., None] - jax.nn.one_hot(tgt, vocab, dtype=jnp.float32) * m[..., None]
         dlogits = constrain(dlogits.astype(h.dtype), ("batch", "length", "act_vocab"))
         dh = jnp.einsum(f"bcv,{w_spec}->bce", dlogits, w, preferred_element_type=jnp.float32).astype(hidden.dtype)
-        dw = dw_acc + jnp.einsum(f"bce,bcv->{w_spec}", h, dlogits, preferred_element_type=jnp.float32)
-        return (nll_acc + nll, z_acc + z, constrain(dw, w_axes)), dh
+        if want_dw:
+            dw_acc = constrain(dw_acc + jnp.einsum(f"bce,bcv->{w_spec}", h, dlogits,
+                                                   preferred_element_type=jnp.float32), w_axes)
+        return (nll_acc + nll, z_acc + z, dw_acc), dh
 
     # dW is sharded like the parameter, so a chunk's sum over the batch shards is a
     # reduce-scatter into the accumulator, not an all-reduce
     zero = jnp.zeros((), jnp.float32)
-    dw0 = constrain(jnp.zeros(w.shape, jnp.float32), w_axes)
+    dw0 = constrain(jnp.zeros(w.shape, jnp.float32), w_axes) if want_dw else None
     (nll, z, dw), dhs = jax.lax.scan(body, (zero, zero, dw0), (hs, ts, ms))
     d_hidden = dhs.swapaxes(0, 1).reshape(b, -1, e)[:, :t]
-    return (nll + z_weight * z, nll, z), (d_hidden, dw.astype(w_out.dtype))
+    return (nll + z_weight * z, nll, z), (d_hidden, None if dw is None else dw.astype(w_out.dtype))
 
 
 def _fused_ce_bwd(chunk_size, z_weight, vocab_major, res, cts):
@@ -199,10 +208,13 @@ def _fused_ce_bwd(chunk_size, z_weight, vocab_major, res, cts):
     returns those two outputs through `lax.stop_gradient`, so they are always zero.
     """
     d_hidden, d_w = res
-    g = cts[0].astype(jnp.float32)
+    ct = cts[0]
+    if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+        ct = jnp.zeros(ct.shape, ct.dtype)
+    g = ct.astype(jnp.float32)
     d_hidden = (d_hidden.astype(jnp.float32) * g).astype(d_hidden.dtype)
-    d_w = (d_w.astype(jnp.float32) * g).astype(d_w.dtype)
+    d_w = None if d_w is None else (d_w.astype(jnp.float32) * g).astype(d_w.dtype)  # None: w_out not perturbed
     return d_hidden, d_w, None, None  # integer targets: float0; loss_mask: zero
 
 
-_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd, symbolic_zeros=True)

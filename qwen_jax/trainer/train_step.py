@@ -211,5 +211,5 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         with jax.set_mesh(mesh):
             return jitted(state, batch)
 
-    run.jitted = jitted
+    run.jitted, run.mesh = jitted, mesh
     return run
