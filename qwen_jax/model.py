@@ -49,7 +49,6 @@ REMAT_POLICIES = {
 }
 
 
-@jax.custom_vjp
 def unstack_layers(stacked) -> list:
     """The per-layer trees of a stacked tree (leaves `[num_layers, ...]`): `out[i]` holds `leaf[i]`.
 
@@ -59,23 +58,32 @@ def unstack_layers(stacked) -> list:
     backward here is one `jnp.stack` (a concatenate) of the per-layer cotangents, which XLA
     fuses into the consumers (gradient norm, optimizer update).  Same values, exactly.  Being a
     custom VJP, it has no forward-mode rule: `jax.jvp` / `jax.jacfwd` of an unrolled model fail
-    (use `scan_layers=True` for forward-mode differentiation).
+    (use `scan_layers=True` for forward-mode differentiation).  One custom VJP per leaf: a leaf
+    that is not differentiated (a frozen LoRA base) gives slices that are not differentiated
+    either, so no weight gradient is ever traced for it.
     """
     sizes = {a.shape[0] for a in jax.tree.leaves(stacked)}
     if len(sizes) != 1:
         raise ValueError(f"unstack_layers: leaves disagree on the leading (layer) axis: sizes {sorted(sizes)}")
-    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(sizes.pop())]
+    leaves, treedef = jax.tree.flatten(stacked)
+    per_leaf = [_unstack_array(a) for a in leaves]
+    return [jax.tree.unflatten(treedef, [slices[i] for slices in per_leaf]) for i in range(sizes.pop())]
 
 
-def _unstack_fwd(stacked):
-    return unstack_layers(stacked), None
+@jax.custom_vjp
+def _unstack_array(a) -> tuple:
+    return tuple(a[i] for i in range(a.shape[0]))
+
+
+def _unstack_fwd(a):
+    return _unstack_array(a), None
 
 
 def _unstack_bwd(_, cotangents):
-    return (jax.tree.map(lambda *layers: jnp.stack(layers), *cotangents),)
+    return (jnp.stack(cotangents),)
 
 
-unstack_layers.defvjp(_unstack_fwd, _unstack_bwd)
+_unstack_array.defvjp(_unstack_fwd, _unstack_bwd)
 
 
 def ring_size(cfg: QwenConfig) -> int:
