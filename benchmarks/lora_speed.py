@@ -22,8 +22,8 @@ Step time = median over --blocks blocks of --steps back-to-back steps (one sync 
 device memory from the allocator (jax `memory_stats()['peak_bytes_in_use']`, torch `max_memory_allocated`),
 over the whole process (init and steps); `fits` compares it with --fit_gib (24).  Ours also reports the
 peak after init alone (`peak_init_gib`, "init GiB") and the step's planned peak from XLA's memory analysis of
-the compiled step (`step_gib` = arguments + outputs - donated + temporaries, "plan GiB").  Results: table on stdout, JSON in
-benchmarks/results/lora_speed.json (not with --tiny) and in --out.
+the compiled step (`step_gib` = arguments + outputs - donated + temporaries, "plan GiB").  Results: table on
+stdout, JSON in benchmarks/results/lora_speed.json (not with --tiny) and in --out.
 """
 
 from __future__ import annotations
