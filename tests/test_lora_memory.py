@@ -44,7 +44,7 @@ def _adapter_loss(remat: str, scan: bool):
     return loss, adapters, cfg
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True], ids=["unrolled", "scan"])
 def test_remat_policies_give_the_loss_and_adapter_gradients_of_no_remat(scan):
     """save_attention remat against remat none: same loss (1e-6) and adapter gradients (5e-6 of each gradient's
     largest element; float32).  Full remat has its own tests (tests/test_lora.py, tests/test_model_grads.py)."""
