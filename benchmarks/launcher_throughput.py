@@ -56,6 +56,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -167,11 +168,15 @@ def run_trainer(cmd: list[str], workdir: str, total: int, warmup: int, timeout: 
             proc.wait()
     wall_s = time.monotonic() - t0
     reached = last_step(metrics)
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().strip().splitlines()
     timing = {"first_step_s": first_step_s, "wall_s": wall_s,
-              "stopped": f"killed at step {reached}" if killed else f"exited {proc.returncode}"}
+              "stopped": f"killed at step {reached}" if killed else f"exited {proc.returncode}",
+              "setup": [x for x in lines if x.startswith(("devices:", "model:", "parameters:"))]}
+    kind = re.search(r"^devices: \d+ x (.+?) over", "\n".join(timing["setup"]), re.M)
+    if kind:
+        timing["device"] = kind.group(1)
     if not killed and proc.returncode != 0:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().strip().splitlines()
         return {"error": failure_summary(lines, proc.returncode), **timing}
     try:
         out = read_metrics(metrics, warmup)
