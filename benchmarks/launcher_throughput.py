@@ -2,8 +2,8 @@
 
     python benchmarks/launcher_throughput.py [--shapes 0.5b:4096x4,0.5b:16384x1,1.5b:4096x2,1.5b:16384x1]
         [--data synthetic,bundled,spread] [--peers torch,liger,harness] [--steps 20 --warmup 5] [--budget 400]
-    python benchmarks/launcher_throughput.py --shapes qwen3-30b-a3b@6:4096x2,qwen2-57b-a14b@2:4096x2 \\
-        --data synthetic --peers torch --steps 8 --warmup 3 --budget 390     # mixture of experts, one H200
+    python benchmarks/launcher_throughput.py --shapes qwen2-57b-a14b@2:4096x2,qwen3-30b-a3b@6:4096x2 \\
+        --data synthetic --peers torch --steps 6 --warmup 3 --budget 380     # mixture of experts, one H200
     python benchmarks/launcher_throughput.py --shapes tiny:128x2 --data synthetic,bundled --peers harness \\
         --steps 4 --warmup 2          # CPU smoke test
     python benchmarks/launcher_throughput.py --shapes qwen3-30b-a3b@1:64x2 --data synthetic --peers torch,harness \\
@@ -37,6 +37,7 @@ Peers in the same run, each its own subprocess, on random tokens, one document p
 `train_throughput.py` builds it, for MoE shapes as `moe_speed.py` does; the trainer should be within a
 few percent of it).  A torch run that runs out of memory is retried with gradient checkpointing.
 
+Each shape runs the trainer first (the least predictable start-up: compilation), then the peers.
 `--budget S` bounds the whole call: each run's timeout is what is left of S minus --reserve seconds
 for every run still queued after it (a run with under 20 s is skipped), so a slow run cannot starve
 the rows after it of their line.  A failed, timed-out or skipped run is a table line saying why; a
@@ -336,18 +337,6 @@ def main(argv=None) -> int:
         if moe:
             common.update(total_params=num_params(cfg), active_params=num_params(cfg, active=True))
         shape_rows = []
-        for peer in peers:
-            budget.next_run()
-            print(f"[{budget.elapsed():.0f}s] {shape}: {peer} ...", flush=True)
-            try:
-                variant, r = run_peer(peer, shape, moe, args, budget)
-            except Exception as e:  # noqa: BLE001 - a row says why, the table still comes
-                variant, r = "?", {"error": f"{type(e).__name__}: {e}"}
-            if "error" not in r:
-                r["tokens_per_s"] = seq * batch / r["step_s"]
-                r["device_peak_gib"] = r.pop("peak_gib", None)
-            shape_rows.append({"shape": shape, "who": peer, "variant": variant, **r})
-            record(shape_rows[-1])
         for data in data_kinds:
             budget.next_run()
             timeout = budget.timeout()
@@ -364,6 +353,18 @@ def main(argv=None) -> int:
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
             shape_rows.append({"shape": shape, "who": "trainer", "variant": data, **r, "command": " ".join(cmd[1:])})
+            record(shape_rows[-1])
+        for peer in peers:
+            budget.next_run()
+            print(f"[{budget.elapsed():.0f}s] {shape}: {peer} ...", flush=True)
+            try:
+                variant, r = run_peer(peer, shape, moe, args, budget)
+            except Exception as e:  # noqa: BLE001 - a row says why, the table still comes
+                variant, r = "?", {"error": f"{type(e).__name__}: {e}"}
+            if "error" not in r:
+                r["tokens_per_s"] = seq * batch / r["step_s"]
+                r["device_peak_gib"] = r.pop("peak_gib", None)
+            shape_rows.append({"shape": shape, "who": peer, "variant": variant, **r})
             record(shape_rows[-1])
         torch_row = next((r for r in shape_rows if r["who"] == "torch" and "error" not in r), None)
         for r in shape_rows:
