@@ -18,12 +18,17 @@ def run_result_subprocess(cmd: list[str], env: dict, timeout: float, cwd: str) -
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    tail = (p.stderr or p.stdout).strip().splitlines()
-    if any("RESOURCE_EXHAUSTED" in x or "OutOfMemory" in x or "out of memory" in x for x in tail):
-        return {"error": "out of memory"}
-    errors = [x for x in tail if re.match(r"^\w*(Error|Exception)\b", x)]
-    last = errors[-1] if errors else (tail[-1] if tail else f"exit {p.returncode}")
-    return {"error": last[:300]}
+    return {"error": failure_summary((p.stderr or p.stdout).strip().splitlines(), p.returncode)}
+
+
+def failure_summary(lines: list[str], returncode: int) -> str:
+    """One line saying why a process failed, from its output lines: "out of memory", else its last
+    `...Error` / `...Exception` line or `error: ...` line (the launcher's one-line errors), else its last line."""
+    if any("RESOURCE_EXHAUSTED" in x or "OutOfMemory" in x or "out of memory" in x for x in lines):
+        return "out of memory"
+    errors = [x for x in lines if re.match(r"^\w*(Error|Exception)\b", x) or x.startswith("error: ")]
+    last = errors[-1] if errors else (lines[-1] if lines else f"exit {returncode}")
+    return last[:300]
 
 
 def timed(fn, *args, reps: int = 5) -> float:
