@@ -72,35 +72,16 @@ def sample_next(logits, key, temperature, top_k, top_p, *, greedy: bool):
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "fuse"))
-def _layer_state(graphdef, state, *, fuse):
-    return nnx.state(nnx.merge(graphdef, state).decode_layers(fuse=fuse))
-
-
-def decode_layers(model, *, fuse: bool = True):
-    """(graphdef, state) of `model.decode_layers(fuse)`, built on the device in one call.
-
-    Built once per generation, outside the decode loop: each layer's weights unstacked (a
-    stacked weight sliced inside the loop is copied on every token) and, with `fuse`, q/k/v
-    and gate/up concatenated (one matmul each per step instead of three and two).  Costs one
-    extra copy of the layer weights while generation runs."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda m: m.decode_layers(fuse=fuse), model))
-    return graphdef, _layer_state(*nnx.split(model), fuse=fuse)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "layers_graphdef", "greedy"), donate_argnames=("cache",))
-def _prefill(graphdef, state, layers_graphdef, layers_state, cache, tokens, key, temperature, top_k, top_p, *,
-             greedy):
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
+def _prefill(graphdef, state, cache, tokens, key, temperature, top_k, top_p, *, greedy):
     """Run the left-padded prompts [batch, slots] into the cache and pick each row's first new token."""
-    layers = nnx.merge(layers_graphdef, layers_state)
-    logits, cache = nnx.merge(graphdef, state).decode(tokens, cache, layers)
+    logits, cache = nnx.merge(graphdef, state).decode(tokens, cache)
     return sample_next(logits, key, temperature, top_k, top_p, greedy=greedy), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layers_graphdef", "greedy", "steps"),
-                   donate_argnames=("cache",))
-def _decode_loop(graphdef, state, layers_graphdef, layers_state, cache, current, done, key, made, limit, stops,
-                 temperature, top_k, top_p, *, greedy, steps):
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "steps"), donate_argnames=("cache",))
+def _decode_loop(graphdef, state, cache, current, done, key, made, limit, stops, temperature, top_k, top_p, *,
+                 greedy, steps):
     """Up to `steps` decode steps in one device loop (`lax.while_loop`).
 
     Why a device loop: at batch 1 a decode step of a small model takes a fraction of a
@@ -111,7 +92,6 @@ def _decode_loop(graphdef, state, layers_graphdef, layers_state, cache, current,
     [batch, steps] (the first `count` columns are valid), the count, and the loop's state.
     """
     model = nnx.merge(graphdef, state)
-    layers = nnx.merge(layers_graphdef, layers_state)
     out = jnp.zeros((current.shape[0], steps), jnp.int32)
 
     def more(carry):
@@ -120,7 +100,7 @@ def _decode_loop(graphdef, state, layers_graphdef, layers_state, cache, current,
 
     def step(carry):
         i, cache, current, done, out = carry
-        logits, cache = model.decode(current[:, None], cache, layers)
+        logits, cache = model.decode(current[:, None], cache)
         following = sample_next(logits, jax.random.fold_in(key, made + i), temperature, top_k, top_p, greedy=greedy)
         out = jax.lax.dynamic_update_slice_in_dim(out, following[:, None], i, axis=1)
         return i + 1, cache, following, done | jnp.isin(following, stops), out
@@ -162,13 +142,12 @@ def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p):
 
 def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, stop_ids=None, seed: int = 0,
-           chunk: int | None = None, fuse_projections: bool = True) -> Iterator[list[int | None]]:
+           chunk: int | None = None) -> Iterator[list[int | None]]:
     """Yields once per generated position: the new token of every row (None for rows already stopped).
 
     Ends after `max_new_tokens` positions or when every row has produced a stop id.  Tokens are
     made on the device `chunk` at a time (None: all in one device loop); a streaming caller
-    passes a small chunk to show text as it is made.  `fuse_projections=False`: decode with
-    q/k/v and gate/up as separate matmuls (same tokens; less memory, slower at small batch).
+    passes a small chunk to show text as it is made.
     """
     _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p)
     stops = np.asarray(resolve_stop_ids(model, stop_ids), np.int64)
@@ -186,8 +165,7 @@ def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temp
                  greedy=temperature == 0)
     stops_device = jnp.asarray(stops, jnp.int32)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        layers = decode_layers(model, fuse=fuse_projections)
-        current, cache = _prefill(graphdef, state, *layers, cache, jnp.asarray(tokens), key, **knobs)
+        current, cache = _prefill(graphdef, state, cache, jnp.asarray(tokens), key, **knobs)
         done = jnp.isin(current, stops_device)
         emitted_done = np.zeros(len(prompts), bool)
         yield from _emit(np.asarray(current)[:, None], 1, emitted_done, stops)
@@ -195,7 +173,7 @@ def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temp
         steps = chunk or kv_cache.length_bucket(max_new_tokens - 1, minimum=1)
         while made < max_new_tokens and not emitted_done.all():
             out, count, cache, current, done = _decode_loop(
-                graphdef, state, *layers, cache, current, done, key, jnp.int32(made), jnp.int32(max_new_tokens),
+                graphdef, state, cache, current, done, key, jnp.int32(made), jnp.int32(max_new_tokens),
                 stops_device, steps=steps, **knobs)
             count = int(count)
             yield from _emit(np.asarray(out), count, emitted_done, stops)
@@ -211,18 +189,17 @@ def _emit(ids, count, done, stops):
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, stop_ids=None, seed: int = 0,
-             fuse_projections: bool = True) -> list[list[int]]:
+             top_k: int = 0, top_p: float = 1.0, stop_ids=None, seed: int = 0) -> list[list[int]]:
     """New token ids per prompt: up to and including the first stop id, else `max_new_tokens` ids.
 
     `prompts`: token-id lists of any lengths.  Greedy when `temperature` is 0; else sampled with
     top-k (0 = off) and top-p (1 = off) from `jax.random.key(seed)` (same seed, same tokens).
     `stop_ids=None`: the union of eos ids of the model folder (generation_config.json,
-    config.json, tokenizer), else config.json's.  `fuse_projections`: see `stream`.
+    config.json, tokenizer), else config.json's.
     """
     out: list[list[int]] = [[] for _ in prompts]
     for step_ids in stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, stop_ids=stop_ids, seed=seed, fuse_projections=fuse_projections):
+                           top_p=top_p, stop_ids=stop_ids, seed=seed):
         for row, token in enumerate(step_ids):
             if token is not None:
                 out[row].append(token)

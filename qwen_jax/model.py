@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -142,17 +141,6 @@ class DecoderLayer(nnx.Module):
             h = h[0]
         return constrain(x + h, ("batch", "length", "act_embed")), layer_cache
 
-    def with_fused_projections(self) -> DecoderLayer:
-        """This layer for decoding with q/k/v and gate/up each concatenated into one matmul (same
-        values; `Attention.with_fused_qkv`, `MLP.with_fused_gate_up`).  Mixture-of-experts MLPs and
-        projections carrying LoRA adapters keep their own matmuls."""
-        sparse = isinstance(self.mlp, SparseMoE)
-        fused = nnx.eval_shape(lambda: DecoderLayer(self.self_attn.cfg, sparse=sparse, rngs=nnx.Rngs(0)))
-        fused.input_layernorm, fused.post_attention_layernorm = self.input_layernorm, self.post_attention_layernorm
-        fused.self_attn = self.self_attn.with_fused_qkv()
-        fused.mlp = self.mlp if sparse else self.mlp.with_fused_gate_up()
-        return fused
-
 
 def _layer_stack(cfg: QwenConfig, n: int, sparse: bool, rngs: nnx.Rngs) -> DecoderLayer:
     """`n` decoder layers of one kind with stacked parameters (leading `layers` axis)."""
@@ -252,32 +240,11 @@ class Qwen(nnx.Module):
     def __call__(self, input_ids, positions=None, segment_ids=None):
         return self.logits(self.hidden_states(input_ids, positions, segment_ids))
 
-    def decode_layers(self, fuse: bool = True) -> list[DecoderLayer]:
-        """The decoder layers in order, each its own module with its own (unstacked) parameters;
-        `fuse`: with fused projections (`DecoderLayer.with_fused_projections`).
-
-        Why separate: a decode step of a stacked model would slice every layer's weights out of
-        their stack on every token, and XLA materialises such slices as copies (a second read
-        and a write of every weight per token).  Generation builds these once per call
-        (`qwen_jax.generation`), outside its decode loop."""
-        cfg = self.cfg
-        stacks = {name: nnx.split(getattr(self, name)) for name in layer_stacks(cfg)}
-        where = {i: (name, j) for name, indices in layer_stacks(cfg).items() for j, i in enumerate(indices)}
-        layers = []
-        for i in range(cfg.num_hidden_layers):
-            name, j = where[i]
-            graphdef, state = stacks[name]
-            layer = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], state))
-            layers.append(layer.with_fused_projections() if fuse else layer)
-        return layers
-
-    def decode(self, input_ids, cache: KVCache, layers: Sequence[DecoderLayer] | None = None
-               ) -> tuple[jax.Array, KVCache]:
+    def decode(self, input_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Generation: run `input_ids` [batch, t] at the cache's next t slots (prefill: the
         left-padded prompts; decode: t = 1).  Returns the float32 logits of the last slot
         [batch, vocab] and the cache with these tokens written.  Layers run unrolled, each
-        updating its own buffers in place (`qwen_jax.kv_cache`); `layers`: this model's
-        `decode_layers()` built beforehand (None: sliced from the stacks here, unfused)."""
+        updating its own buffers in place (`qwen_jax.kv_cache`)."""
         cfg = self.cfg
         positions = cache.positions(input_ids.shape[1])
         x = self.embed_tokens(input_ids)
@@ -285,10 +252,13 @@ class Qwen(nnx.Module):
             rope = jax.tree.map(lambda a: a[:, 0], jax.vmap(lambda p: self._rope(p[None], x.dtype))(positions))
         else:
             rope = self._rope(positions, x.dtype)
-        if layers is None:
-            layers = self.decode_layers(fuse=False)
+        stacks = {name: nnx.split(getattr(self, name)) for name in layer_stacks(cfg)}
+        where = {i: (name, j) for name, indices in layer_stacks(cfg).items() for j, i in enumerate(indices)}
         written = []
-        for i, layer in enumerate(layers):
+        for i in range(cfg.num_hidden_layers):
+            name, j = where[i]
+            graphdef, state = stacks[name]
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], state))
             x, kv = layer.decode(x, rope=rope, positions=positions, cache=cache, sliding_window=cfg.layer_window(i),
                                  layer_cache=(cache.keys[i], cache.values[i]))
             written.append(kv)

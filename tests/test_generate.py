@@ -16,7 +16,7 @@ from hf_fixtures import make_hf_model
 import qwen_jax
 from qwen_jax import kv_cache
 from qwen_jax.config import QwenConfig
-from qwen_jax.generation import decode_layers, filter_top_k, filter_top_p
+from qwen_jax.generation import filter_top_k, filter_top_p
 from qwen_jax.sharding import make_mesh
 
 PROMPTS = [[5, 17, 33, 2, 99, 100, 7, 1, 64, 200, 31], [8, 9, 250], list(range(40, 60))]
@@ -83,17 +83,16 @@ def _decode_steps(model, prompts, steps):
         tokens[r, slots - len(p):] = p
     cache = kv_cache.init_cache(cfg, slots - lengths, kv_cache.length_bucket(slots + steps))
     graphdef, state = nnx.split(model)
-    layers_graphdef, layers_state = decode_layers(model, fuse=True)  # what generate decodes with
-    run = jax.jit(lambda s, ls, c, t: nnx.merge(graphdef, s).decode(t, c, nnx.merge(layers_graphdef, ls)))
+    run = jax.jit(lambda s, c, t: nnx.merge(graphdef, s).decode(t, c))
     seqs = [list(p) for p in prompts]
-    logits, cache = run(state, layers_state, cache, jnp.asarray(tokens))
+    logits, cache = run(state, cache, jnp.asarray(tokens))
     got = [np.asarray(logits)]
     rng = np.random.default_rng(0)
     for _ in range(steps):
         nxt = rng.integers(0, cfg.vocab_size, len(seqs)).astype(np.int32)
         for r, seq in enumerate(seqs):
             seq.append(int(nxt[r]))
-        logits, cache = run(state, layers_state, cache, jnp.asarray(nxt[:, None]))
+        logits, cache = run(state, cache, jnp.asarray(nxt[:, None]))
         got.append(np.asarray(logits))
     return np.stack(got), seqs
 
