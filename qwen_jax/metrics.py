@@ -142,6 +142,7 @@ class MetricsLogger:
         self.log_every = max(1, int(log_every))
         self.writer = None
         self.jsonl = None
+        self.window = [0, 0, 0.0]  # steps, tokens and seconds since the last printed line
         if enabled:
             os.makedirs(workdir, exist_ok=True)
             path = os.path.join(workdir, "metrics.jsonl")
@@ -162,11 +163,16 @@ class MetricsLogger:
         self.jsonl.write(json.dumps({"step": step, **out}) + "\n")
         self.jsonl.flush()
         self.writer.scalars(step, {f"train/{key}": value for key, value in out.items() if value is not None})
+        self.window = [self.window[0] + 1, self.window[1] + tokens, self.window[2] + step_time]
         if step % self.log_every == 0 or step == total_steps:
-            mfu = f"{100 * out['mfu']:.1f}%" if out["mfu"] is not None else "n/a"
+            # the printed speed is the window's since the last line: one step's wall interval is not a
+            # step's cost when a checkpoint or eval sync lands between two steps' metrics
+            (window_steps, window_tokens, window_s), self.window = self.window, [0, 0, 0.0]
+            rate = window_tokens / window_s if window_s > 0 else 0.0
+            mfu = f"{100 * flops_per_token * rate / self.peak_total:.1f}%" if self.peak_total else "n/a"
             print(f"step {step}/{total_steps} | loss {out['loss']:.4f} | grad_norm {out['grad_norm']:.3f} | "
-                  f"lr {out['learning_rate']:.2e} | {out['tokens_per_sec']:,.0f} tok/s | mfu {mfu} | "
-                  f"{1000 * step_time:.0f} ms/step", flush=True)
+                  f"lr {out['learning_rate']:.2e} | {rate:,.0f} tok/s | mfu {mfu} | "
+                  f"{1000 * window_s / window_steps:.0f} ms/step", flush=True)
         return out
 
     def log_scalars(self, step: int, scalars: dict, *, label: str = "") -> None:

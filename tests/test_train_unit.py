@@ -165,3 +165,24 @@ def test_synthetic_batches_split_over_processes():
     for k, v in whole.items():
         np.testing.assert_array_equal(v, np.concatenate([h[k] for h in halves]))
     assert whole["loss_mask"].sum() > 0 and (whole["segment_ids"] == 0).any()
+
+
+def test_printed_speed_is_the_log_windows_not_the_last_steps(tmp_path, capsys):
+    """The stdout line at a log step reports tokens over wall time since the previous line: a short last
+    interval (a checkpoint or eval sync right after the step) must not print an impossible rate."""
+    from qwen_jax.metrics import MetricsLogger
+
+    logger = MetricsLogger(str(tmp_path), peak_flops=1e6, num_devices=1, log_every=3)
+    metrics = {"loss": 1.0, "grad_norm": 1.0, "learning_rate": 1e-3}
+    times = [0.030, 0.034, 0.002, 0.031, 0.029, 0.033]
+    logged = [logger.log(step, metrics, step_time=t, tokens=1000, total_steps=6, flops_per_token=10.0)
+              for step, t in enumerate(times, start=1)]
+    logger.close()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split("/")[0] for line in lines] == ["step 3", "step 6"]
+    for line, window in zip(lines, (times[:3], times[3:]), strict=True):
+        rate = 3000 / sum(window)
+        assert f"{rate:,.0f} tok/s" in line
+        assert f"mfu {100 * 10.0 * rate / 1e6:.1f}%" in line
+        assert f"{1000 * sum(window) / 3:.0f} ms/step" in line
+    assert logged[2]["tokens_per_sec"] == 1000 / 0.002  # metrics.jsonl keeps each step's own interval

@@ -89,11 +89,13 @@ def abstract_state(tx, abstract_params, shardings) -> dict:
 
 
 def init_state(params, tx, seed: int, shardings) -> dict:
+    """The train state around `params`, which it takes over: they are donated, so the parameters
+    are never held twice (a bf16 7B base would otherwise peak at twice its 14 GiB during init)."""
     def make(p):
         return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32),
                 "rng": jax.random.PRNGKey(seed + 1)}
 
-    return jax.jit(make, out_shardings=shardings)(params)
+    return jax.jit(make, out_shardings=shardings, donate_argnums=0)(params)
 
 
 def batch_shardings(mesh: Mesh, global_batch: int, seq_len: int, keys=BATCH_KEYS) -> dict:
