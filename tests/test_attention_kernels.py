@@ -14,7 +14,9 @@ from qwen_jax.attention.kernels import (
     cudnn_packed_supported,
     default_max_segments,
     kernel_attention,
+    packed_layout_bound,
     packed_segments,
+    runs_per_row,
     segment_starts,
     segmented_attention,
 )
@@ -161,9 +163,21 @@ def test_segmented_attention_packed_or_fallback_equals_reference(docs, fits):
 
 
 def test_default_segment_bound_and_cpu_support():
-    assert default_max_segments(4096) == 16 and default_max_segments(32768) == 64
-    assert default_max_segments(10**7) == 256
+    assert [default_max_segments(n) for n in (1024, 4096, 16384, 32768, 10**7)] == [16, 16, 64, 128, 256]
     assert not cudnn_packed_supported()  # CPU: cudnn_attention keeps the dense-mask path, never the packed one
+    # no implementation here takes the packed layout, so no run is held to a bound
+    assert all(packed_layout_bound(name, "bfloat16", 16384, 0) is None for name in ("auto", "cudnn", "xla"))
+
+
+def test_host_run_count_is_what_the_packed_layout_needs():
+    """`runs_per_row` (host, numpy) decides like the device's `packed_segments`: a row fits a bound iff its
+    run count is at most the bound (padding runs counted, a repeated id after another is a new run)."""
+    rng = np.random.default_rng(0)
+    rows = np.cumsum(rng.random((6, 24)) < np.linspace(0.05, 0.6, 6)[:, None], axis=1) % 3  # id 0 = padding
+    runs = runs_per_row(rows)
+    for bound in (2, 5, 8, 12):
+        _, _, fits = packed_segments(jnp.asarray(rows), bound)
+        np.testing.assert_array_equal(np.asarray(fits), runs <= bound)
 
 
 def test_model_passes_its_segment_bound_to_attention(monkeypatch):

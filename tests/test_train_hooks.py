@@ -60,3 +60,37 @@ def test_hooks_see_every_step_in_order_and_the_logged_metrics(tmp_path):
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) for r in logged)
     assert {r["step"]: r["loss"] for r in logged} == recorder.losses
+
+
+def test_packed_attention_watch_names_the_bound_that_would_fit():
+    """Rows over the packed-layout bound are counted from the host batches and reported once when consumed,
+    with the bound that fits, then summed up at the end; a run whose attention has no bound says nothing."""
+    import numpy as np
+
+    from qwen_jax.trainer.hooks import PackedAttentionWatch
+
+    def batch(*runs_per_row):  # rows of 64 tokens holding the given numbers of runs
+        return {"segment_ids": np.stack([np.repeat(np.arange(1, n + 1), -(-64 // n))[:64] for n in runs_per_row])}
+
+    lines = []
+    watch = PackedAttentionWatch(lambda length: 8 if length == 64 else None, lines.append)
+    watch.observe(batch(3, 8))
+    watch.on_step_end(1, {}, None)
+    assert lines == []  # within the bound
+    watch.observe(batch(2, 11))
+    watch.observe({"segment_ids": np.ones((2, 32), np.int32)})  # a length without a bound is not counted
+    watch.on_step_end(2, {}, None)
+    watch.observe(batch(13, 1))
+    watch.on_step_end(3, {}, None)
+    watch.on_finish(3, completed=True)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("warning: a packed row holds 11 documents, over the packed-attention bound of 8")
+    assert "attention_max_segments=11" in lines[0]
+    assert "2 of 3 batches read had a row over 8 documents" in lines[1] and "most in a row: 13" in lines[1]
+
+    quiet = []
+    watch = PackedAttentionWatch(lambda length: None, quiet.append)
+    watch.observe(batch(40, 50))
+    watch.on_step_end(1, {}, None)
+    watch.on_finish(1, completed=True)
+    assert quiet == []

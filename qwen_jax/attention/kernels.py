@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from qwen_jax import compat
@@ -40,13 +41,34 @@ PACKED_MASK = "PADDING_CAUSAL"  # causal inside each run; the run lengths are cu
 
 
 def default_max_segments(seq_len: int) -> int:
-    """Static bound on runs per row when none is configured: one document per 512 tokens, 16..256.
+    """Static bound on runs per row when none is configured: one document per 256 tokens, 16..256.
 
     The packed kernel keeps float32 softmax statistics of shape [batch * bound, heads, seq] as a
-    backward residual, so the bound trades memory (64 at 32k tokens: as large as the output)
-    against how often a row of many short documents takes the slow exact fallback.
+    backward residual, so the bound trades memory (128 at 32k tokens: 2-4x the attention output)
+    against how often a row of many short documents takes the exact blockwise fallback, which costs
+    a whole step several times the packed kernel's time.  Chat SFT data packed into 16k-token rows
+    (a log-normal spread of conversations, median ~550 tokens) holds 25 documents a row on average
+    and up to 40: one per 512 tokens (32) sent 8% of such steps to the fallback, one per 256 none.
     """
-    return int(min(256, max(16, seq_len // 512)))
+    return int(min(256, max(16, seq_len // 256)))
+
+
+def runs_per_row(segment_ids: np.ndarray) -> np.ndarray:
+    """Host-side count of contiguous runs of equal segment ids per row ([batch, seq] -> [batch]): the
+    number of packed-layout segments `packed_segments` needs for each row (padding runs included)."""
+    seg = np.asarray(segment_ids)
+    return 1 + np.count_nonzero(seg[:, 1:] != seg[:, :-1], axis=1)
+
+
+def packed_layout_bound(impl: str, dtype, seq_len: int, configured: int) -> int | None:
+    """The runs-per-row bound packed rows of `seq_len` tokens are held to when attention `impl`
+    (resolved for `dtype` here) takes cuDNN's packed layout; None when it does not (other
+    implementations take any number of documents).  `configured`: `model.attention_max_segments`
+    (0 = `default_max_segments`)."""
+    entry = registry.get(registry.resolve(impl, dtype))
+    if "max_segments" not in entry.options or not cudnn_packed_supported():
+        return None
+    return int(configured) or default_max_segments(seq_len)
 
 
 def packed_segments(segment_ids, max_segments: int):

@@ -123,6 +123,51 @@ class EvalHook(Hook):
         self.logger.log_scalars(step, {"eval/loss": ev["loss"], "eval/perplexity": ev["perplexity"]}, label="eval")
 
 
+class PackedAttentionWatch(Hook):
+    """Says when packed rows hold more documents than cuDNN's packed layout is compiled for.
+
+    Such a step is still exact but runs the blockwise fallback in every layer, several times the
+    packed kernel's cost (at 16k tokens a row, about 10x): left silent, a few such rows make a run
+    look slow for no visible reason.  `observe(local_batch)` (the prefetch thread) counts the
+    batches with a row over `bound_for_length(seq_len)` (None: this run's attention takes any
+    number of documents); the loop's thread prints one line when the first is consumed, naming the
+    `model.attention_max_segments` that would have fit, and a count at the end.  Counts are of this
+    process's rows; the fallback is decided over the global batch.
+    """
+
+    def __init__(self, bound_for_length, report):
+        self.bound_for_length, self.report = bound_for_length, report
+        self.batches = self.over = self.most = 0
+        self.bound = None
+        self.warned = False
+
+    def observe(self, local: dict) -> None:
+        from qwen_jax.attention.kernels import runs_per_row
+
+        segment_ids = local.get("segment_ids")
+        bound = None if segment_ids is None else self.bound_for_length(segment_ids.shape[1])
+        if bound is None:
+            return
+        runs = int(runs_per_row(segment_ids).max())
+        self.batches += 1
+        self.most = max(self.most, runs)
+        if runs > bound:
+            self.over += 1
+            self.bound = bound
+
+    def on_step_end(self, step, metrics, info):
+        if self.over and not self.warned:
+            self.warned = True
+            self.report(f"warning: a packed row holds {self.most} documents, over the packed-attention bound of "
+                        f"{self.bound}: such steps run the exact blockwise fallback, several times slower "
+                        f"(--config.model.overrides=attention_max_segments={self.most} would fit it)")
+
+    def on_finish(self, step, completed):
+        if self.over:
+            self.report(f"packed attention: {self.over} of {self.batches} batches read had a row over "
+                        f"{self.bound} documents and ran the blockwise fallback (most in a row: {self.most})")
+
+
 class ExportHook(Hook):
     """At the end of a completed run, the Hugging Face exports (`qwen_jax/trainer/export.py`)."""
 

@@ -19,7 +19,7 @@ import time
 
 from qwen_jax import run_config
 from qwen_jax.trainer.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, RunError, on_device_errors, on_save_errors
-from qwen_jax.trainer.hooks import EvalHook, ExportHook, Hooks, MetricsHook, StepInfo
+from qwen_jax.trainer.hooks import EvalHook, ExportHook, Hooks, MetricsHook, PackedAttentionWatch, StepInfo
 
 
 def run(config, workdir: str, hooks=()) -> int:
@@ -33,6 +33,7 @@ def run(config, workdir: str, hooks=()) -> int:
     from qwen_jax import lora as lora_lib
     from qwen_jax import metrics as metrics_lib
     from qwen_jax import sharding as sh
+    from qwen_jax.attention.kernels import packed_layout_bound
     from qwen_jax.evaluate import make_evaluator
     from qwen_jax.trainer import optimizer as opt_lib
     from qwen_jax.trainer import train_step as ts
@@ -163,6 +164,10 @@ def run(config, workdir: str, hooks=()) -> int:
             workdir, peak_flops=metrics_lib.peak_flops_per_device(float(config.peak_flops_per_device)),
             num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0, resume_step=step)
         all_hooks.hooks.append(MetricsHook(logger, cfg, total))
+        packed_watch = PackedAttentionWatch(lambda length: None if ring > 1 or cfg.dual_chunk_attention else
+                                            packed_layout_bound(cfg.attention, cfg.dtype, length,
+                                                                cfg.attention_max_segments), say)
+        all_hooks.hooks.append(packed_watch)
         evaluator = make_evaluator(config, graphdef, mesh=mesh, process_index=pidx, process_count=pcount)
         if evaluator is not None:
             all_hooks.hooks.append(EvalHook(evaluator, logger, int(config.eval.every), total))
@@ -172,6 +177,7 @@ def run(config, workdir: str, hooks=()) -> int:
         config_json = json.loads(config.to_json_best_effort())
 
         def to_global(local):
+            packed_watch.observe(local)
             local = ts.permute_batch_for_ring(local, ring)
             return {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k]))
                     for k in ts.BATCH_KEYS}
