@@ -44,7 +44,8 @@ the rows after it of their line.  A failed, timed-out or skipped run is a table 
 timed-out trainer that logged timed steps is reported from them, marked partial.
 
 Reported per row: tokens/s, step ms, peak device GiB (the trainer's from its metrics, the workers'
-from the allocator), the trainer's peak host RSS, MFU (causal convention, vs 989 TFLOP/s; for MoE
+from the allocator), the trainer's peak host RSS (and its per-phase peaks `host/<phase>_peak_gib` that
+reached metrics.jsonl before it was stopped: init and first_step), MFU (causal convention, vs 989 TFLOP/s; for MoE
 shapes on *active* parameters, `num_params(active=True)`; see qwen_jax/metrics.py) and the ratio to
 PyTorch.  JSON in benchmarks/results/launcher_throughput.json and --out (there also each row as it
 finishes, launcher_throughput.jsonl, and the table, launcher_throughput.txt).
@@ -132,7 +133,8 @@ def read_metrics(path: str, warmup: int) -> dict:
     tokens = sum(r["tokens_per_sec"] * r["step_time"] for r in timed)
     out = {"steps_timed": len(timed), "tokens_per_s": tokens / seconds, "step_s": seconds / len(timed),
            "loss": timed[-1]["loss"]}
-    for key in ("device_peak_gib", "host_peak_rss_gib"):
+    phase_peaks = sorted({k for r in rows for k in r if k.startswith("host/") and k.endswith("_peak_gib")})
+    for key in ("device_peak_gib", "host_peak_rss_gib", *phase_peaks):  # host/<phase>_peak_gib: per-phase RSS
         values = [r[key] for r in rows if r.get(key) is not None]
         if values:
             out[key] = max(values)
@@ -260,6 +262,9 @@ def table_lines(rows: list[dict], trainer_args: str) -> list[str]:
         rss = "-" if rss is None else f"{rss:.1f}"
         ratio = "" if ratio is None else f"{ratio:.2f}"
         note = f"  ({r['partial']})" if r.get("partial") else ""
+        phases = [(p, r.get(f"host/{p}_peak_gib")) for p in ("init", "first_step", "steady", "checkpoint", "export")]
+        if any(v is not None for _, v in phases):
+            note += "  RSS peaks " + ", ".join(f"{p.replace('_', ' ')} {v:.1f}" for p, v in phases if v is not None)
         lines.append(f"{head}{r['tokens_per_s']:>9.0f}{r['step_s'] * 1e3:>9.1f}{dev:>9}{rss:>9}"
                      f"{100 * r['mfu_989']:>6.1f}%{ratio:>9}{note}")
     return lines

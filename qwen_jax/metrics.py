@@ -136,8 +136,9 @@ class MetricsLogger:
     """
 
     def __init__(self, workdir: str, *, peak_flops: float | None, num_devices: int, log_every: int = 1,
-                 enabled: bool = True, resume_step: int = 0):
+                 enabled: bool = True, resume_step: int = 0, host_memory: HostMemory | None = None):
         self.enabled = enabled
+        self.host_memory = host_memory  # the run's per-phase host RSS (its peak is the logged host peak)
         self.peak_total = peak_flops * num_devices if peak_flops else None
         self.log_every = max(1, int(log_every))
         self.writer = None
@@ -159,7 +160,7 @@ class MetricsLogger:
         if not self.enabled:
             return out
         if step % self.log_every == 0 or step == total_steps:
-            out.update(memory_peaks())
+            out.update(memory_peaks(self.host_memory))
         self.jsonl.write(json.dumps({"step": step, **out}) + "\n")
         self.jsonl.flush()
         self.writer.scalars(step, {f"train/{key}": value for key, value in out.items() if value is not None})
@@ -175,14 +176,17 @@ class MetricsLogger:
                   f"{1000 * window_s / window_steps:.0f} ms/step", flush=True)
         return out
 
-    def log_scalars(self, step: int, scalars: dict, *, label: str = "") -> None:
-        """Scalars beside the training metrics (e.g. `eval/loss`): a metrics.jsonl line, TensorBoard, one line."""
+    def log_scalars(self, step: int, scalars: dict, *, label: str = "", echo: bool = True) -> None:
+        """Scalars beside the training metrics (e.g. `eval/loss`): a metrics.jsonl line, TensorBoard, and with
+        `echo` one line on stdout."""
         if not self.enabled:
             return
         values = {k: float(v) for k, v in scalars.items()}
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
         self.writer.scalars(step, values)
+        if not echo:
+            return
         text = " | ".join(f"{k} {v:.4f}" for k, v in values.items())
         print(f"step {step}{' ' + label if label else ''} | {text}", flush=True)
 
@@ -200,12 +204,11 @@ class MetricsLogger:
             self.jsonl = None
 
 
-def memory_peaks() -> dict:
+def memory_peaks(host_memory: HostMemory | None = None) -> dict:
     """Peak device memory of this process's devices (GiB, where the backend reports it) and the process's
-    peak host RSS (GiB): logged at log steps so every run records what it needed."""
-    import resource
-
-    out = {"host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    peak host RSS (GiB): logged at log steps so every run records what it needed.  With `host_memory`
+    (which resets the kernel's peak between phases) the peak is its whole-run maximum."""
+    out = {"host_peak_rss_gib": (host_memory or HostMemory()).process_peak_gib()}
     try:
         peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
     except Exception:  # noqa: BLE001 - not every backend reports memory statistics
@@ -214,6 +217,100 @@ def memory_peaks() -> dict:
     if peaks:
         out["device_peak_gib"] = max(peaks) / 2**30
     return out
+
+
+class HostMemory:
+    """Host RSS per phase of a run: the peak reached during each phase and the RSS when it ended (GiB).
+
+    Linux keeps one peak RSS per process (VmHWM, also what `getrusage` reports); writing "5" to
+    /proc/self/clear_refs (Linux >= 4.0) resets it, so a phase's peak is VmHWM read when it ends, after
+    which it is reset for the next phase.  The first phase's peak counts from the process start.  Where
+    clear_refs is not writable, each phase reports the whole process's peak so far (`resettable` False).
+    A phase ended several times (steady steps between checkpoints, each save) keeps its highest peak.
+    """
+
+    def __init__(self, phase: str = "init", proc: str = "/proc/self"):
+        self.phase = phase  # the phase under way
+        self.phases: dict[str, dict] = {}  # name -> {"peak_gib", "now_gib"}, in the order first ended
+        self.status_path = os.path.join(proc, "status")
+        self.clear_refs = os.path.join(proc, "clear_refs")
+        self.resettable = os.access(self.clear_refs, os.W_OK)
+
+    def read(self) -> tuple[float, float | None]:
+        """(peak since the last reset, current RSS) in GiB; without /proc, getrusage's peak and no current."""
+        try:
+            with open(self.status_path, encoding="ascii") as f:
+                kib = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if line.startswith("Vm"))}
+            return kib["VmHWM"] / 2**20, kib["VmRSS"] / 2**20
+        except (OSError, KeyError, ValueError):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None
+
+    def end(self, next_phase: str | None = None) -> dict:
+        """End the phase under way and start `next_phase`: {"phase", "peak_gib", "now_gib"} of the ended one."""
+        peak, now = self.read()
+        name, self.phase = self.phase, next_phase
+        before = self.phases.get(name, {}).get("peak_gib", 0.0)
+        self.phases[name] = {"peak_gib": max(peak, before), "now_gib": now}
+        if self.resettable:
+            try:
+                with open(self.clear_refs, "w", encoding="ascii") as f:
+                    f.write("5")
+            except OSError:
+                self.resettable = False
+        return {"phase": name, "peak_gib": peak, "now_gib": now}
+
+    def process_peak_gib(self) -> float:
+        """The whole run's peak RSS so far: the phases' peaks and the one under way."""
+        return max([self.read()[0], *(p["peak_gib"] for p in self.phases.values())])
+
+    @staticmethod
+    def line(record: dict) -> str:
+        now = "" if record["now_gib"] is None else f" (now {record['now_gib']:.2f} GiB)"
+        return f"host memory: {record['phase'].replace('_', ' ')} peak {record['peak_gib']:.2f} GiB{now}"
+
+    @staticmethod
+    def scalars(record: dict) -> dict:
+        """metrics.jsonl/TensorBoard scalars of one ended phase: host/<phase>_peak_gib, host/<phase>_now_gib."""
+        out = {f"host/{record['phase']}_peak_gib": record["peak_gib"]}
+        if record["now_gib"] is not None:
+            out[f"host/{record['phase']}_now_gib"] = record["now_gib"]
+        return out
+
+    def summary(self, state_bytes: int, slack_gib: float = 4.0) -> tuple[dict, list[str]]:
+        """Every phase's scalars and the budget (this process's train state + `slack_gib`), and the lines to
+        print: one summary, and a warning when the highest phase peak is over the budget."""
+        scalars = {}
+        for name, rec in self.phases.items():
+            scalars.update(self.scalars({"phase": name, **rec}))
+        budget = state_bytes / 2**30 + slack_gib
+        scalars.update({"host/train_state_gib": state_bytes / 2**30, "host/budget_gib": budget})
+        worst = max(self.phases, key=lambda n: self.phases[n]["peak_gib"])
+        peak = self.phases[worst]["peak_gib"]
+        flag = "" if self.resettable else " (whole-process peaks: /proc/self/clear_refs is not writable)"
+        lines = ["host memory peaks: " + " | ".join(f"{n.replace('_', ' ')} {r['peak_gib']:.2f}"
+                                                     for n, r in self.phases.items())
+                 + f" GiB; budget {budget:.2f} GiB (train state {state_bytes / 2**30:.2f} + {slack_gib:g}): "
+                 + ("within" if peak <= budget else "over") + flag]
+        if peak > budget:
+            lines.append(f"warning: host memory peak {peak:.2f} GiB ({worst.replace('_', ' ')}) is over the "
+                         f"budget of {budget:.2f} GiB (this process's train state + {slack_gib:g} GiB)")
+        return scalars, lines
+
+
+def process_state_bytes(tree) -> int:
+    """Bytes of this process's share of the arrays in `tree`: its addressable shards, a shard replicated on
+    several local devices counted once (the host copy a checkpoint or export holds)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shards = getattr(leaf, "addressable_shards", None)
+        if shards is None:
+            total += int(getattr(leaf, "nbytes", 0))
+            continue
+        unique = {repr(shard.index): shard.data.nbytes for shard in shards}
+        total += sum(unique.values())
+    return total
 
 
 def say(*args) -> None:

@@ -65,6 +65,15 @@ def _scalars(workdir, tag="train/loss") -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
+def _scalar_tags(workdir) -> list[tuple[int, str]]:
+    """(step, tag) of every TensorBoard scalar event."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(workdir, "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, tag) for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst, symlinks=True)
     return dst
@@ -327,6 +336,34 @@ def test_read_only_checkpoint_folder_stops_the_run_in_one_line(finished, tmp_pat
     assert "Read-only file system" in errors[0] or "Permission denied" in errors[0], errors
     assert str(ckpt) in errors[0]
     assert _ckpt_steps(workdir) == [2, 4, 6] and _export_step(workdir) == TOTAL
+
+
+# ---------------------------------------------------------------- host memory
+@pytest.mark.slow
+def test_host_memory_is_reported_per_phase_in_order(finished):
+    workdir, result, _ = finished
+    lines = result.stdout.splitlines()
+    host_lines = [i for i, line in enumerate(lines) if line.startswith("host memory")]
+    assert [lines[i].split(" peak")[0] for i in host_lines] == [
+        "host memory: init", "host memory: first step", "host memory"], result.stdout
+    assert host_lines[0] < lines.index(next(x for x in lines if x.startswith("step 1/"))) < host_lines[1]
+    assert lines[host_lines[2]].startswith("host memory peaks: init ") and lines[host_lines[2]].endswith("within")
+    records = tl.all_records(workdir, host=True)
+    assert [r["step"] for r in records] == [0, 1, TOTAL]
+    assert set(records[0]) == {"step", "host/init_peak_gib", "host/init_now_gib"}
+    assert set(records[1]) == {"step", "host/first_step_peak_gib", "host/first_step_now_gib"}
+    phases = ["init", "first_step", "steady", "checkpoint", "export"]
+    summary = records[2]
+    assert [k for k in summary if k.endswith("_peak_gib")] == [f"host/{p}_peak_gib" for p in phases]
+    for p in phases:
+        assert summary[f"host/{p}_peak_gib"] >= summary[f"host/{p}_now_gib"] > 0.05, (p, summary)
+    assert summary["host/init_peak_gib"] == records[0]["host/init_peak_gib"]
+    assert summary["host/budget_gib"] == summary["host/train_state_gib"] + 4 and summary["host/train_state_gib"] > 0
+    # the whole run's peak logged with the last step is at least the peaks of the phases ended before it (the
+    # resets of the kernel's peak do not lower it)
+    last = tl.all_records(workdir)[-1]
+    assert last["host_peak_rss_gib"] >= max(summary[f"host/{p}_peak_gib"] for p in phases[:2])
+    assert ("host/steady_peak_gib", TOTAL) in [(t, s) for s, t in _scalar_tags(workdir)]
 
 
 # ---------------------------------------------------------------- file modes

@@ -186,3 +186,50 @@ def test_printed_speed_is_the_log_windows_not_the_last_steps(tmp_path, capsys):
         assert f"mfu {100 * 10.0 * rate / 1e6:.1f}%" in line
         assert f"{1000 * sum(window) / 3:.0f} ms/step" in line
     assert logged[2]["tokens_per_sec"] == 1000 / 0.002  # metrics.jsonl keeps each step's own interval
+
+
+def test_host_memory_peak_is_reset_between_phases():
+    """A phase that allocated and freed 200 MB reports that peak; the next phase (no allocation) a lower one, once
+    /proc/self/clear_refs reset the kernel's peak.  The whole run's peak still remembers the 200 MB."""
+    from qwen_jax.metrics import HostMemory, memory_peaks
+
+    host = HostMemory(phase="big")
+    big = np.ones(200 * 2**20 // 8)  # written, so resident
+    del big
+    first = host.end("small")
+    assert first["phase"] == "big" and first["peak_gib"] >= first["now_gib"] + 0.15 > 0.15
+    second = host.end()
+    assert second["phase"] == "small" and second["peak_gib"] >= second["now_gib"] > 0
+    assert list(host.phases) == ["big", "small"]
+    assert memory_peaks(host)["host_peak_rss_gib"] >= first["peak_gib"]
+    if not host.resettable:
+        pytest.skip("/proc/self/clear_refs is not writable here: peaks are the whole process's")
+    assert second["peak_gib"] < first["peak_gib"] - 0.15, (first, second)
+
+
+def test_host_memory_summary_checks_the_budget():
+    from qwen_jax.metrics import HostMemory
+
+    host = HostMemory()
+    host.end("steady")
+    host.end()
+    peak = max(p["peak_gib"] for p in host.phases.values())
+    scalars, lines = host.summary(state_bytes=2**30)
+    assert scalars["host/budget_gib"] == 5.0 and scalars["host/train_state_gib"] == 1.0
+    assert scalars["host/init_peak_gib"] >= scalars["host/init_now_gib"] > 0 and "host/steady_peak_gib" in scalars
+    assert lines[0].startswith("host memory peaks: init ") and ("within" in lines[0]) == (peak <= 5.0)
+    scalars, lines = host.summary(state_bytes=0, slack_gib=0.0)
+    assert len(lines) == 2 and " over" in lines[0] and lines[1].startswith("warning: host memory peak ")
+
+
+def test_process_state_bytes_counts_replicas_once():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from qwen_jax.metrics import process_state_bytes
+
+    mesh = sharding.make_mesh({"fsdp": 4}, devices=jax.devices()[:4])
+    x = np.zeros((8, 16), np.float32)
+    sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("fsdp")))
+    replicated = jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    assert len(replicated.addressable_shards) == 4
+    assert process_state_bytes({"a": sharded, "b": [replicated]}) == 2 * x.nbytes

@@ -69,6 +69,8 @@ def losses(workdir) -> dict[int, float]:
     return out
 
 
-def all_records(workdir) -> list[dict]:
+def all_records(workdir, host: bool = False) -> list[dict]:
+    """The step and eval records of metrics.jsonl; with `host`, the host-memory phase records (`host/...`) instead."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if any(k.startswith("host/") for k in r) == host]

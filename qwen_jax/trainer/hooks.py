@@ -101,7 +101,7 @@ class MetricsHook(Hook):
         self.logger.flush()
 
     def on_finish(self, step, completed):
-        self.logger.close()
+        self.logger.flush()  # closed by `close`: the loop still logs the run's host memory after the export
 
     def close(self):
         self.logger.close()

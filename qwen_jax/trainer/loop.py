@@ -41,6 +41,7 @@ def run(config, workdir: str, hooks=()) -> int:
     from qwen_jax.trainer.synthetic import SyntheticBatches
 
     say = metrics_lib.say
+    host = metrics_lib.HostMemory()  # host RSS per phase: init, first_step, steady, checkpoint, export
     pidx, pcount = jax.process_index(), jax.process_count()
     spec = run_config.validate(config, workdir, num_devices=jax.device_count(), process_count=pcount)
     workdir = spec.workdir  # created only once the config has been validated
@@ -162,7 +163,8 @@ def run(config, workdir: str, hooks=()) -> int:
         step = int(jax.device_get(state["step"]))
         logger = metrics_lib.MetricsLogger(
             workdir, peak_flops=metrics_lib.peak_flops_per_device(float(config.peak_flops_per_device)),
-            num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0, resume_step=step)
+            num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0, resume_step=step,
+            host_memory=host)
         all_hooks.hooks.append(MetricsHook(logger, cfg, total))
         packed_watch = PackedAttentionWatch(lambda length: None if ring > 1 or cfg.dual_chunk_attention else
                                             packed_layout_bound(cfg.attention, cfg.dtype, length,
@@ -184,23 +186,32 @@ def run(config, workdir: str, hooks=()) -> int:
 
         prefetcher = DevicePrefetcher(data_iter, to_global)
 
-        loop = TrainLoop(state, all_hooks, nonfinite, skipped=skipped, saved=saved)
+        def report_phase(record, at_step):
+            say(host.line(record))
+            logger.log_scalars(at_step, host.scalars(record), echo=False)
+
+        loop = TrainLoop(state, all_hooks, nonfinite, skipped=skipped, saved=saved,
+                         on_first_metrics=lambda done: report_phase(host.end("steady"), done))
+        state_bytes = metrics_lib.process_state_bytes(state)
         del state
 
         def save(step, data_state, force=False):
             loop.sync()  # a state is saved only once its own metrics were checked
             all_hooks.on_checkpoint(step)
+            host.end("checkpoint")
             meta = {"step": step, "rng": np.asarray(jax.device_get(loop.state["rng"])).tolist(),
                     "config": config_json, "nonfinite_skipped": loop.skipped}
             saved.append(step)
             on_save_errors(lambda: ckpt.save(step, loop.state, meta, data_iter, force=force, data_state=data_state),
                            step, ckpt_dir)
+            host.end("steady")
 
         if step < total and guard.requested:
             say(f"preempted (signal {guard.signum}) before the first step; nothing new to save, exiting")
             return EXIT_PREEMPTED
         exit_code = 0
         data_state = None
+        report_phase(host.end("first_step"), step)
         while step < total:
             batch, data_state = next(prefetcher)
             rows, length = batch["input_ids"].shape  # the data schedule may change them
@@ -219,10 +230,18 @@ def run(config, workdir: str, hooks=()) -> int:
                 exit_code = EXIT_PREEMPTED
                 break
         loop.sync()
+        host.end("checkpoint")  # the last save's wait for its write
         on_save_errors(ckpt.close, max(saved, default=step), ckpt_dir)
+        host.end("export" if export is not None and step >= total else None)
         if step >= total:
             say(f"done: {total} steps; checkpoints in {ckpt_dir}")
         all_hooks.on_finish(step, completed=step >= total)
+        if host.phase == "export":
+            host.end()
+        scalars, lines = host.summary(state_bytes)
+        logger.log_scalars(step, scalars, echo=False)
+        for line in lines:
+            say(line)
         return exit_code
     finally:
         if prefetcher is not None:
@@ -247,7 +266,7 @@ class TrainLoop:
     """The loop's view for hooks (`hooks.LoopView`): the state after the current step, and `sync`, which fetches
     the dispatched step's metrics, hands them to the hooks and applies the `nonfinite` mode."""
 
-    def __init__(self, state, hooks, nonfinite: str, *, skipped: int, saved: list[int]):
+    def __init__(self, state, hooks, nonfinite: str, *, skipped: int, saved: list[int], on_first_metrics=None):
         self.state = state
         self.hooks = hooks
         self.nonfinite = nonfinite
@@ -255,6 +274,7 @@ class TrainLoop:
         self.saved = saved  # checkpoint steps (shared with the caller): named when a non-finite step stops the run
         self.pending = None  # the last dispatched step: (step, metrics on device, tokens, row length)
         self.t_last = time.perf_counter()
+        self.on_first_metrics = on_first_metrics  # called once, with the step, after the first metrics' hooks
 
     def sync(self) -> None:
         """Fetch and check the dispatched step's metrics (waits for that step); stop on a non-finite step."""
@@ -275,6 +295,9 @@ class TrainLoop:
             metrics["nonfinite_skipped"] = self.skipped
         self.hooks.on_step_end(done, metrics, StepInfo(step_time=now - self.t_last, tokens=tokens, seq_len=length))
         self.t_last = now
+        if self.on_first_metrics is not None:
+            first, self.on_first_metrics = self.on_first_metrics, None
+            first(done)
         if not finite and self.nonfinite == "stop":
             last = max(self.saved, default=None)
             kept = f"the last checkpoint (step {last}) is kept" if last else "no checkpoint was written"
