@@ -263,9 +263,20 @@ def save_params_streaming(ckpt_dir: str, step: int, lazy_params: dict, on_block=
 
 # ---------------------------------------------------------------- reading
 def _manager(ckpt_dir: str):
+    """A read-only manager.  Orbax warns that a read-only directory is read only every time one is
+    opened (an export, a conversion); that says nothing to a user, so its warnings are held back here."""
+    import logging
+
     import orbax.checkpoint as ocp
 
-    return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=ocp.CheckpointManagerOptions(read_only=True))
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
+    finally:
+        absl_logger.setLevel(level)
 
 
 def all_steps(ckpt_dir: str) -> list[int]:
