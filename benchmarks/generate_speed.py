@@ -138,7 +138,7 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--hf_reps", type=int, default=2)
     p.add_argument("--skip_torch", action="store_true")
-    p.add_argument("--profile", default="", help="trace a batch-1 generation per preset and variant into DIR")
+    p.add_argument("--profile", default="", help="trace a batch-1 generation per preset into DIR")
     p.add_argument("--profile_new", type=int, default=32)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -154,14 +154,14 @@ def main():
         model = qwen_jax.Qwen(cfg, rngs=nnx.Rngs(0))
         for batch in (int(b) for b in args.batches.split(",")):
             prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
-            hf = None
             row = {"preset": preset, "batch": batch, "prompt_len": args.prompt_len, "new": args.new}
             t = ours(model, prompts, args.new, args.reps)
             row["ours_tokens_per_s"] = batch * args.new / t
             if batch == 1:
                 row["bound_tokens_per_s"] = rate / param_bytes
                 row["pct_of_bound"] = 100 * row["ours_tokens_per_s"] / row["bound_tokens_per_s"]
-            if not args.skip_torch and hf is None:
+            hf = None
+            if not args.skip_torch:
                 try:
                     hf = batch * args.new / theirs(raw, prompts, args.new, args.hf_reps, args.dtype)
                 except Exception as e:  # report it and go on with the other shapes

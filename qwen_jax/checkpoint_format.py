@@ -262,21 +262,26 @@ def save_params_streaming(ckpt_dir: str, step: int, lazy_params: dict, on_block=
 
 
 # ---------------------------------------------------------------- reading
+class _HideReadOnlyNotes:
+    """Drops orbax's notes that a manager opened read-only is read only: they say nothing to a user
+    and are printed every time one is opened (an export, a conversion).  Other messages pass."""
+
+    def filter(self, record) -> bool:
+        return "read only" not in record.getMessage() and "read_only=True" not in record.getMessage()
+
+
 def _manager(ckpt_dir: str):
-    """A read-only manager.  Orbax warns that a read-only directory is read only every time one is
-    opened (an export, a conversion); that says nothing to a user, so its warnings are held back here."""
     import logging
 
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
+    absl_logger, hide = logging.getLogger("absl"), _HideReadOnlyNotes()
+    absl_logger.addFilter(hide)
     try:
         return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
     finally:
-        absl_logger.setLevel(level)
+        absl_logger.removeFilter(hide)
 
 
 def all_steps(ckpt_dir: str) -> list[int]:

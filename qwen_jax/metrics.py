@@ -206,8 +206,9 @@ class MetricsLogger:
 
 def memory_peaks(host_memory: HostMemory | None = None) -> dict:
     """Peak device memory of this process's devices (GiB, where the backend reports it) and the process's
-    peak host RSS (GiB): logged at log steps so every run records what it needed.  With `host_memory`
-    (which resets the kernel's peak between phases) the peak is its whole-run maximum."""
+    peak host RSS (GiB): logged at log steps so every run records what it needed.  Pass the run's
+    `host_memory` where one resets the kernel's peak between phases: its whole-run maximum is then the
+    peak; without it the kernel's peak since the last reset is reported."""
     out = {"host_peak_rss_gib": (host_memory or HostMemory()).process_peak_gib()}
     try:
         peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]

@@ -39,7 +39,7 @@ ATTENTION_RESIDUAL = "attention_residual"  # checkpoint name of x + attention(x)
 
 # `model.remat` -> what a decoder layer keeps for the backward pass (the rest is recomputed there).
 # save_attention keeps the attention block's projections, output and residual (ATTENTION_NAMES,
-# about 3 x [seq, embed] per layer) and recomputes only norms, RoPE, the attention kernel's forward
+# about 3.3 x [seq, embed] per layer for Qwen2-7B) and recomputes only norms, RoPE, the attention kernel's forward
 # and the MLP's gate/up matmuls, whose [seq, intermediate] outputs are the largest activations.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,

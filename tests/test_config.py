@@ -169,3 +169,12 @@ def test_rope_scaling_and_rope_parameters_both_present_resolve_as_transformers(t
     cos_ref, _ = Qwen2RotaryEmbedding(hf)(torch.zeros(1, 4, ours.head_dim), torch.as_tensor(positions))
     cos, _ = R.rope_tables(ours.rope, ours.head_dim, ours.max_position_embeddings, positions, np.float32)
     np.testing.assert_allclose(np.asarray(cos), cos_ref.numpy(), atol=1e-5)
+
+
+def test_remat_values_are_the_model_policies():
+    """`model.remat` is validated against config.REMAT_VALUES (config cannot import the model); every value
+    must have a policy in model.REMAT_POLICIES and every policy a value ("none" = no checkpointing)."""
+    from qwen_jax.config import REMAT_VALUES
+    from qwen_jax.model import REMAT_POLICIES
+
+    assert set(REMAT_VALUES) == {"none", *REMAT_POLICIES}

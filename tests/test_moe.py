@@ -198,7 +198,7 @@ def _one_step(folder, mesh_shape, devices):
     state_sh = ts.state_shardings(tx, abstract, p_sh, mesh)
     state = ts.init_state(params, tx, 0, state_sh)
     batch_sh = ts.batch_shardings(mesh, 8, 16)
-    step = ts.make_train_step(graphdef, tx, lambda s: 0.0, opt.resolve_freeze(params), mesh=mesh, state_sh=state_sh,
+    step = ts.make_train_step(graphdef, tx, lambda s: 0.0, opt.resolve_freeze(abstract), mesh=mesh, state_sh=state_sh,
                               batch_sh=batch_sh, chunk_size=8, router_z_loss_weight=0.01, grad_accum_steps=2)
     batch = SyntheticBatches(8, 16, cfg.vocab_size, seed=3).global_batch(0)
     state, metrics = step(state, {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()})

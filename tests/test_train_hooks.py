@@ -64,10 +64,13 @@ def test_hooks_see_every_step_in_order_and_the_logged_metrics(tmp_path):
 
 
 def test_packed_attention_watch_names_the_bound_that_would_fit():
-    """Rows over the packed-layout bound are counted from the host batches and reported once when consumed,
-    with the bound that fits, then summed up at the end; a run whose attention has no bound says nothing."""
+    """Rows over the packed-layout bound are measured on the host batches, counted as the batches are
+    consumed, reported once with the bound that fits, then summed up at the end; a run whose attention
+    has no bound, or a model that never takes the packed layout, says nothing."""
     import numpy as np
 
+    from qwen_jax.config import config_from_dict
+    from qwen_jax.presets import get_preset
     from qwen_jax.trainer.hooks import PackedAttentionWatch
 
     def batch(*runs_per_row):  # rows of 64 tokens holding the given numbers of runs
@@ -75,23 +78,23 @@ def test_packed_attention_watch_names_the_bound_that_would_fit():
 
     lines = []
     watch = PackedAttentionWatch(lambda length: 8 if length == 64 else None, lines.append)
-    watch.observe(batch(3, 8))
-    watch.on_step_end(1, {}, None)
-    assert lines == []  # within the bound
-    watch.observe(batch(2, 11))
-    watch.observe({"segment_ids": np.ones((2, 32), np.int32)})  # a length without a bound is not counted
-    watch.on_step_end(2, {}, None)
-    watch.observe(batch(13, 1))
-    watch.on_step_end(3, {}, None)
-    watch.on_finish(3, completed=True)
-    assert len(lines) == 2, lines
+    ahead = [watch.measure(b) for b in (batch(3, 8), batch(2, 11), {"segment_ids": np.ones((2, 32), np.int32)})]
+    assert ahead == [(8, 8), (11, 8), None] and lines == []  # measuring alone reports nothing
+    for measured in ahead:
+        watch.consumed(measured)
+    assert len(lines) == 1
     assert lines[0].startswith("warning: a packed row holds 11 documents, over the packed-attention bound of 8")
     assert "attention_max_segments=11" in lines[0]
-    assert "2 of 3 batches read had a row over 8 documents" in lines[1] and "most in a row: 13" in lines[1]
+    watch.consumed(watch.measure(batch(13, 1)))
+    watch.on_finish(3, completed=True)
+    assert len(lines) == 2 and "2 of 3 batches had a row over 8 documents" in lines[1], lines
+    assert "most in a row: 13" in lines[1]
 
+    cfg = config_from_dict(get_preset("tiny"), dtype="bfloat16", attention="cudnn")
     quiet = []
-    watch = PackedAttentionWatch(lambda length: None, quiet.append)
-    watch.observe(batch(40, 50))
-    watch.on_step_end(1, {}, None)
-    watch.on_finish(1, completed=True)
+    for watch in (PackedAttentionWatch(lambda length: None, quiet.append),
+                  PackedAttentionWatch.for_model(cfg, 1, quiet.append),  # CPU: no packed layout here
+                  PackedAttentionWatch.for_model(cfg, 2, quiet.append)):  # ring attention: no bound
+        watch.consumed(watch.measure(batch(40, 50)))
+        watch.on_finish(1, completed=True)
     assert quiet == []

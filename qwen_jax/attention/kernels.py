@@ -48,7 +48,7 @@ def default_max_segments(seq_len: int) -> int:
     against how often a row of many short documents takes the exact blockwise fallback, which costs
     a whole step several times the packed kernel's time.  Chat SFT data packed into 16k-token rows
     (a log-normal spread of conversations, median ~550 tokens) holds 25 documents a row on average
-    and up to 40: one per 512 tokens (32) sent 8% of such steps to the fallback, one per 256 none.
+    and up to 40: a bound of one per 512 tokens (32) would send 8% of such steps to the fallback.
     """
     return int(min(256, max(16, seq_len // 256)))
 
@@ -63,10 +63,14 @@ def runs_per_row(segment_ids: np.ndarray) -> np.ndarray:
 def packed_layout_bound(impl: str, dtype, seq_len: int, configured: int) -> int | None:
     """The runs-per-row bound packed rows of `seq_len` tokens are held to when attention `impl`
     (resolved for `dtype` here) takes cuDNN's packed layout; None when it does not (other
-    implementations take any number of documents).  `configured`: `model.attention_max_segments`
-    (0 = `default_max_segments`)."""
-    entry = registry.get(registry.resolve(impl, dtype))
-    if "max_segments" not in entry.options or not cudnn_packed_supported():
+    implementations, `kernel` through tokamax, and 32-bit inputs take any number of documents).
+    `configured`: `model.attention_max_segments` (0 = `default_max_segments`)."""
+    name = registry.resolve(impl, dtype)
+    if name == "kernel":
+        if tokamax_available():
+            return None
+        name = registry.resolve(registry.AUTO, dtype)
+    if name != "cudnn" or np.dtype(dtype).itemsize != 2 or not cudnn_packed_supported():
         return None
     return int(configured) or default_max_segments(seq_len)
 

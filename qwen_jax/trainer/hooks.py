@@ -128,44 +128,57 @@ class PackedAttentionWatch(Hook):
 
     Such a step is still exact but runs the blockwise fallback in every layer, several times the
     packed kernel's cost (at 16k tokens a row, about 10x): left silent, a few such rows make a run
-    look slow for no visible reason.  `observe(local_batch)` (the prefetch thread) counts the
-    batches with a row over `bound_for_length(seq_len)` (None: this run's attention takes any
-    number of documents); the loop's thread prints one line when the first is consumed, naming the
-    `model.attention_max_segments` that would have fit, and a count at the end.  Counts are of this
-    process's rows; the fallback is decided over the global batch.
+    look slow for no visible reason.  `measure(local_batch)` (pure; the prefetch thread) gives the
+    batch's most documents in a row and the bound, `consumed(measure)` (the loop, as the batch is
+    trained on) counts it; the first batch over the bound prints one line naming the
+    `model.attention_max_segments` that would fit, the end of the run a count.  Each process
+    counts and reports its own rows: the fallback is decided over the global batch, so a row on
+    any process slows every step.
     """
 
     def __init__(self, bound_for_length, report):
         self.bound_for_length, self.report = bound_for_length, report
         self.batches = self.over = self.most = 0
         self.bound = None
-        self.warned = False
 
-    def observe(self, local: dict) -> None:
+    @classmethod
+    def for_model(cls, cfg, ring: int, report) -> PackedAttentionWatch:
+        """The watch of a model: no bound under ring attention or DCA, or with no full-attention layer
+        (sliding-window layers take a dense mask); else `kernels.packed_layout_bound` per row length."""
+        from qwen_jax.attention.kernels import packed_layout_bound
+
+        full_layers = any(cfg.layer_window(i) is None for i in range(cfg.num_hidden_layers))
+        if ring > 1 or cfg.dca is not None or not full_layers:
+            return cls(lambda length: None, report)
+        return cls(lambda length: packed_layout_bound(cfg.attention, cfg.dtype, length, cfg.attention_max_segments),
+                   report)
+
+    def measure(self, local: dict) -> tuple[int, int] | None:
+        """(most documents in a row, bound) of a host batch; None when its rows are not held to a bound."""
         from qwen_jax.attention.kernels import runs_per_row
 
         segment_ids = local.get("segment_ids")
         bound = None if segment_ids is None else self.bound_for_length(segment_ids.shape[1])
-        if bound is None:
+        return None if bound is None else (int(runs_per_row(segment_ids).max()), bound)
+
+    def consumed(self, measured: tuple[int, int] | None) -> None:
+        if measured is None:
             return
-        runs = int(runs_per_row(segment_ids).max())
+        runs, bound = measured
         self.batches += 1
         self.most = max(self.most, runs)
         if runs > bound:
             self.over += 1
             self.bound = bound
-
-    def on_step_end(self, step, metrics, info):
-        if self.over and not self.warned:
-            self.warned = True
-            self.report(f"warning: a packed row holds {self.most} documents, over the packed-attention bound of "
-                        f"{self.bound}: such steps run the exact blockwise fallback, several times slower "
-                        f"(--config.model.overrides=attention_max_segments={self.most} would fit it)")
+            if self.over == 1:
+                self.report(f"warning: a packed row holds {runs} documents, over the packed-attention bound of "
+                            f"{bound}: such steps run the exact blockwise fallback, several times slower "
+                            f"(--config.model.overrides=attention_max_segments={runs} would fit it)")
 
     def on_finish(self, step, completed):
         if self.over:
-            self.report(f"packed attention: {self.over} of {self.batches} batches read had a row over "
-                        f"{self.bound} documents and ran the blockwise fallback (most in a row: {self.most})")
+            self.report(f"packed attention: {self.over} of {self.batches} batches had a row over {self.bound} "
+                        f"documents and ran the blockwise fallback (most in a row: {self.most})")
 
 
 class ExportHook(Hook):

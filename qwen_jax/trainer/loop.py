@@ -33,7 +33,6 @@ def run(config, workdir: str, hooks=()) -> int:
     from qwen_jax import lora as lora_lib
     from qwen_jax import metrics as metrics_lib
     from qwen_jax import sharding as sh
-    from qwen_jax.attention.kernels import packed_layout_bound
     from qwen_jax.evaluate import make_evaluator
     from qwen_jax.trainer import optimizer as opt_lib
     from qwen_jax.trainer import train_step as ts
@@ -166,9 +165,8 @@ def run(config, workdir: str, hooks=()) -> int:
             num_devices=jax.device_count(), log_every=int(config.log_every), enabled=pidx == 0, resume_step=step,
             host_memory=host)
         all_hooks.hooks.append(MetricsHook(logger, cfg, total))
-        packed_watch = PackedAttentionWatch(lambda length: None if ring > 1 or cfg.dual_chunk_attention else
-                                            packed_layout_bound(cfg.attention, cfg.dtype, length,
-                                                                cfg.attention_max_segments), say)
+        packed_watch = PackedAttentionWatch.for_model(
+            cfg, ring, lambda line: print(line if pcount == 1 else f"[process {pidx}] {line}", flush=True))
         all_hooks.hooks.append(packed_watch)
         evaluator = make_evaluator(config, graphdef, mesh=mesh, process_index=pidx, process_count=pcount)
         if evaluator is not None:
@@ -179,10 +177,10 @@ def run(config, workdir: str, hooks=()) -> int:
         config_json = json.loads(config.to_json_best_effort())
 
         def to_global(local):
-            packed_watch.observe(local)
+            packed = packed_watch.measure(local)
             local = ts.permute_batch_for_ring(local, ring)
             return {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k]))
-                    for k in ts.BATCH_KEYS}
+                    for k in ts.BATCH_KEYS}, packed
 
         prefetcher = DevicePrefetcher(data_iter, to_global)
 
@@ -213,7 +211,8 @@ def run(config, workdir: str, hooks=()) -> int:
         data_state = None
         report_phase(host.end("first_step"), step)
         while step < total:
-            batch, data_state = next(prefetcher)
+            (batch, packed), data_state = next(prefetcher)
+            packed_watch.consumed(packed)
             rows, length = batch["input_ids"].shape  # the data schedule may change them
             loop.state, metrics = on_device_errors(lambda: train_step(loop.state, batch), step + 1)  # noqa: B023
             step += 1
