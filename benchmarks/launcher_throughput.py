@@ -309,6 +309,8 @@ def main(argv=None) -> int:
             moe = raw.get("model_type") in MOE_MODEL_TYPES
             if layers is not None and not moe:
                 raise ValueError("@layers is for mixture-of-experts presets (the dense peers build full depth)")
+            if layers is not None and not 1 <= layers <= raw["num_hidden_layers"]:
+                raise ValueError(f"@layers must be 1..{raw['num_hidden_layers']} (the preset's depth), got {layers}")
             overrides = parse_model_overrides(overrides_text(layers, args.model_overrides))
             configs[shape] = (config_from_dict(raw, source=f"preset {preset!r}", **overrides), moe)
         except (ValueError, KeyError, RunConfigError) as e:

@@ -123,3 +123,26 @@ def test_expert_axis_of_one_dispatches_nothing(devices):
         np.testing.assert_allclose(a, b, rtol=1e-5)
     for g, g1 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads1), strict=True):
         np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-5 * np.abs(g1).max())
+
+
+@pytest.mark.parametrize("shape, says", [
+    ("qwen3-30b-a3b@0:128x2", "@layers must be 1..48"),
+    ("qwen2-57b-a14b@29:128x2", "@layers must be 1..28"),
+    ("qwen2-0.5b@2:128x2", "@layers is for mixture-of-experts presets"),
+])
+def test_launcher_benchmark_refuses_a_bad_layer_cut(tmp_path, shape, says):
+    """A reduced-depth MoE shape out of the preset's range is one error line (exit 2) before any run starts;
+    @0 used to build the full 48-layer model silently."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "launcher_throughput.py"), "--shapes",
+                           shape, "--data", "synthetic", "--peers", "", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("launcher_throughput.py: error: --shapes")
+    assert says in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
