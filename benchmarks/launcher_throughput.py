@@ -17,7 +17,8 @@ This script measures what a user gets: for each shape it launches the real train
 `model.moe_matmul`, no export) and reads the tokens/s from the run's own `metrics.jsonl` (total tokens
 over the summed step times of the steps after --warmup), on
 
-* `synthetic`: random tokens (`synthetic_data=True`), one document per row;
+* `synthetic`: the trainer's synthetic batches (`synthetic_data=True`): two packed sequences of a quarter to a
+  half of the row each, then padding (less attention than the peers' full causal rows);
 * `bundled`: the bundled chat set, tokenized with the real Qwen tokenizer and chat template, packed;
 * `spread`: a generated chat set with a long-tailed length spread (`benchmarks/make_chat_data.py`), packed.
 

@@ -179,7 +179,7 @@ def _streaming_handler():
 
     class StreamingHandler(compat.orbax_numpy_handler()):
         def __init__(self, on_block=None, budget: int = 1 << 30):
-            super().__init__(deepcopy_host_arrays=False)
+            super().__init__(**compat.orbax_numpy_handler_kwargs())
             self.on_block = on_block
             self.budget = budget
 

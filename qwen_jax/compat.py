@@ -122,6 +122,18 @@ def orbax_numpy_handler():
     return _private(f"{ORBAX_SERIALIZATION}.type_handlers", "NumpyHandler")
 
 
+def orbax_numpy_handler_kwargs() -> dict:
+    """NumpyHandler constructor arguments that keep it from copying host arrays before a save.
+
+    Orbax >= 0.12.5 deep-copies numpy values by default (`deepcopy_host_arrays=True`), which would
+    double a streaming save's memory; older releases (0.12.4 on the GPU machines) never copy and do
+    not take the argument."""
+    import inspect
+
+    params = inspect.signature(orbax_numpy_handler().__init__).parameters
+    return {"deepcopy_host_arrays": False} if "deepcopy_host_arrays" in params else {}
+
+
 def orbax_save_args():
     """Default `SaveArgs()` for one leaf."""
     return _private(f"{ORBAX_SERIALIZATION}.types", "SaveArgs")()

@@ -83,3 +83,27 @@ def test_orbax_helpers_build_what_orbax_builds(tmp_path):
     spec = compat.orbax_array_read_spec(str(tmp_path), "a.b", use_zarr3=False, use_ocdbt=True)
     assert spec["kvstore"]["driver"] == "ocdbt" and spec["kvstore"]["path"] == "a.b"
     assert isinstance(compat.orbax_ts_context(use_ocdbt=True), ts.Context)
+
+
+@pytest.mark.parametrize("handler_init", ["installed", "without_deepcopy_host_arrays"])
+def test_streaming_save_works_with_either_numpy_handler_signature(tmp_path, monkeypatch, handler_init):
+    """Orbax 0.12.4 (the GPU machines') has no `deepcopy_host_arrays`; 0.12.8 copies host arrays unless told
+    not to.  The streaming save passes the argument only where it exists and writes the same checkpoint."""
+    from qwen_jax import checkpoint_format as cf
+
+    handler = compat.orbax_numpy_handler()
+    if handler_init == "without_deepcopy_host_arrays":
+        installed = handler.__init__
+
+        def older_init(self, metadata_key=None, ocdbt_process_id=None):  # orbax 0.12.4's signature
+            installed(self, metadata_key=metadata_key, ocdbt_process_id=ocdbt_process_id)
+
+        monkeypatch.setattr(handler, "__init__", older_init)
+        assert compat.orbax_numpy_handler_kwargs() == {}
+    else:
+        assert compat.orbax_numpy_handler_kwargs() == {"deepcopy_host_arrays": False}
+    w = np.arange(24, dtype=np.float32).reshape(4, 6)
+    lazy = {"w": cf.LazyArray(w.shape, np.dtype(np.float32), 0, 2, lambda k: w[2 * k:2 * k + 2])}
+    cf.save_params_streaming(str(tmp_path / "ckpt"), 0, lazy)
+    restored = cf.restore_params(str(tmp_path / "ckpt"), 0)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), w)
