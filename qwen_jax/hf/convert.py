@@ -91,7 +91,7 @@ def hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "keep", overwrite: bool 
 
         with atomic_output(out, overwrite, sources=(hf_dir,)) as tmp:
             largest = max(reader.nbytes(n) for n in reader.files)
-            with_disk_errors(lambda: cf.save_params_streaming(tmp, 0, lazy, on_block=on_block, budget=2 * largest),
+            with_disk_errors(lambda: cf.save_params_streaming(tmp, 0, lazy, on_block=on_block, budget=largest),
                               out)
             copied = cf.copy_side_files(hf_dir, tmp)
         bar.close()

@@ -135,7 +135,7 @@ def _write_shards(folder, files, shards, table, plan, reader, bar) -> None:
 
         # in flight per block: what was read, plus one converted layer or band
         largest = max(_nbytes(e) for e in plan)
-        run_bounded(run, blocks, cost=lambda b: _block_nbytes(reader, b) * (1 + 1 / _layers(b)), budget=2 * largest)
+        run_bounded(run, blocks, cost=lambda b: _block_nbytes(reader, b) * (1 + 1 / _layers(b)), budget=largest)
         unique = list({id(w): w for w in writers.values()}.values())
         run_bounded(lambda w: w.close(), unique, cost=lambda w: 0)
     except BaseException:
