@@ -9,8 +9,8 @@ a grandchild of orbax-to-hf, is not included):
 1. write a random Hugging Face folder of the model's shape with safetensors directly (no model in memory);
 2. `qwen-convert hf-to-orbax` (call `qwen_jax.hf.convert.main`);
 3. `qwen-convert orbax-to-hf` of that checkpoint, then a full bit-identity check against the source;
-4. a trainer-style checkpoint (`StandardSave` of the parameters as jax arrays, as `qwen_jax.checkpoint`
-   saves them: one chunk per stacked parameter) and `qwen-convert orbax-to-hf` of it;
+4. a trainer-style checkpoint (`StandardSave` of the parameters as jax arrays with the trainer's
+   `checkpoint_format.params_save_args`: one chunk per layer) and `qwen-convert orbax-to-hf` of it;
 5. transformers `from_pretrained` of the source, and `from_pretrained` + `save_pretrained`.
 
 GB/s = model bytes / seconds (10^9 bytes); CPU s = process CPU time of the timed call (all
@@ -152,7 +152,7 @@ params = jax.tree.map(jax.numpy.asarray, cf.restore_params(sys.argv[2]))
 options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
 t, c = time.perf_counter(), time.process_time()
 with ocp.CheckpointManager(sys.argv[3], options=options) as mngr:
-    mngr.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    mngr.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params, save_args=cf.params_save_args(params))))
     mngr.wait_until_finished()
 for name in os.listdir(sys.argv[2]):
     if not name.isdigit():

@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qwen_jax.atomic import atomic_copy, atomic_write_json
-from qwen_jax.checkpoint_format import TOKENIZER_FILES, copy_side_files
+from qwen_jax.checkpoint_format import TOKENIZER_FILES, copy_side_files, params_save_args
 from qwen_jax.config import QwenConfig, to_hf_dict
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class Checkpointer:
         `data_state`: the iterator state to record instead of `data_iterator.get_state()` (batches read ahead).
         """
         items = {
-            "params": ocp.args.StandardSave(state["params"]),
+            "params": ocp.args.StandardSave(state["params"], save_args=params_save_args(state["params"])),
             "opt_state": ocp.args.StandardSave(state["opt_state"]),
             "meta": ocp.args.JsonSave(meta),
         }

@@ -6,7 +6,8 @@ Checkpoint directory contract
 A *checkpoint directory* ``C`` is an Orbax ``CheckpointManager`` root:
 
 * ``C/<step>/`` numbered step directories.  Each holds at least the item ``params``, saved
-  with ``ocp.args.StandardSave(pure_params)`` where ``pure_params`` is the nested plain dict
+  with ``ocp.args.StandardSave(pure_params, save_args=params_save_args(pure_params))`` (the
+  trainer; any chunking reads back the same) where ``pure_params`` is the nested plain dict
   of arrays from ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``: keys are exactly the
   model's attribute names (``embed_tokens/embedding``, ``layers/...``, ``norm/scale``,
   ``lm_head/kernel`` when untied).  Decoder-layer parameters are *stacked*: leading axis =
@@ -241,6 +242,31 @@ def _streaming_handler():
                 raise errors[0]
 
     return StreamingHandler
+
+
+STORED_CHUNK_BYTES = 64 << 20  # at most this many bytes a stored chunk of a trainer checkpoint's parameter
+
+
+def params_save_args(params: dict) -> dict:
+    """`SaveArgs` for a training checkpoint's `params` item: stacked decoder-layer parameters stored one chunk
+    per layer (or less), every array in chunks of at most `STORED_CHUNK_BYTES`.
+
+    Why: Orbax stores an array as one chunk per device shard by default, so on one device a stacked
+    parameter is one chunk holding every layer, and reading one layer (the export at the end of
+    training, `qwen-convert orbax-to-hf`) decodes all of it on one thread with all of it in memory.
+    Per-layer chunks are what `save_params_streaming` writes too; restoring is unchanged (TensorStore
+    reads any chunking).  An Orbax without `shard_axes` gets the byte bound alone.
+    """
+    import dataclasses
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    fields = {f.name for f in dataclasses.fields(ocp.SaveArgs)}
+    plain = {"chunk_byte_size": STORED_CHUNK_BYTES} if "chunk_byte_size" in fields else {}
+    per_layer = {**plain, "shard_axes": (0,)} if "shard_axes" in fields else plain
+    return {key: jax.tree.map(lambda _, kw=(per_layer if key == "layers" else plain): ocp.SaveArgs(**kw), value)
+            for key, value in params.items()}
 
 
 def save_params_streaming(ckpt_dir: str, step: int, lazy_params: dict, on_block=None, budget: int = 1 << 30,

@@ -219,6 +219,29 @@ def test_training_checkpoint_params_only(models, work, monkeypatch):
     assert cf.restore_params(ckpt, step=1)["embed_tokens"]["embedding"].shape == (151936, 32)
 
 
+def test_trainer_checkpoints_store_one_layer_a_chunk_and_export_exactly(models, work):
+    """The trainer's save (`checkpoint.Checkpointer`) stores each stacked parameter in chunks of one layer
+    and every array in chunks of at most STORED_CHUNK_BYTES, so an export never decodes a whole stacked
+    parameter to read one layer; the export is bit-identical."""
+    from qwen_jax.checkpoint import Checkpointer
+
+    hf, _, _ = models["qwen3_untied_bf16_sharded"]
+    ckpt = str(work / "trainer_layout_ckpt")
+    params = nnx.to_pure_dict(nnx.state(from_pretrained(hf, param_dtype="keep"), nnx.Param))
+    saver = Checkpointer(ckpt, async_save=False)
+    saver.save(3, {"params": params, "opt_state": {"mu": jax.tree.map(jnp.zeros_like, params)}}, {"step": 3})
+    saver.close()
+    for name in cf.side_files(hf):
+        shutil.copy(os.path.join(hf, name), ckpt)
+    reader = cf.ParamReader(ckpt, 3)
+    stacked = [p for p in reader.paths if p[0] == "layers"]
+    assert stacked and all(reader.chunk_shape(p)[0] == 1 for p in stacked)
+    itemsize = {p: np.dtype(reader.dtype(p)).itemsize for p in reader.paths}
+    assert all(np.prod(reader.chunk_shape(p)) * itemsize[p] <= cf.STORED_CHUNK_BYTES for p in reader.paths)
+    assert max(reader.shape(p)[0] for p in stacked) > 1  # several layers: one chunk each
+    _assert_identical(hf, convert.orbax_to_hf(ckpt, str(work / "trainer_layout_export")))
+
+
 # ---------------------------------------------------------------- bad input
 def _copy(src, dst):
     shutil.rmtree(dst, ignore_errors=True)
