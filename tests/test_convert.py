@@ -182,8 +182,9 @@ def test_dtype_options(models, work):
 
 
 def test_training_checkpoint_params_only(models, work, monkeypatch):
-    """A trainer-style checkpoint (jax arrays, extra items, several steps) exports its params only,
-    decoding each stored chunk once (one chunk per stacked parameter: one read, not one per layer)."""
+    """A checkpoint in Orbax's default layout (jax arrays, extra items, several steps; one chunk per stacked
+    parameter, as trainer checkpoints were stored before `params_save_args`) exports its params only,
+    decoding each stored chunk once (one read, not one per layer)."""
     import orbax.checkpoint as ocp
 
     hf, _, _ = models["qwen3_untied_bf16_sharded"]
