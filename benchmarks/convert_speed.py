@@ -152,7 +152,8 @@ params = jax.tree.map(jax.numpy.asarray, cf.restore_params(sys.argv[2]))
 options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
 t, c = time.perf_counter(), time.process_time()
 with ocp.CheckpointManager(sys.argv[3], options=options) as mngr:
-    mngr.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params, save_args=cf.params_save_args(params))))
+    save = ocp.args.StandardSave(params, save_args=cf.params_save_args(params))  # as the trainer saves
+    mngr.save(1, args=ocp.args.Composite(params=save))
     mngr.wait_until_finished()
 for name in os.listdir(sys.argv[2]):
     if not name.isdigit():

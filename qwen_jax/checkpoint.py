@@ -294,6 +294,28 @@ class OrbaxErrorLogFilter(logging.Filter):
         return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
+def quiet_orbax_leftovers(previous):
+    """A `sys.unraisablehook` that drops what Orbax leaves behind after a failure the trainer reports itself.
+
+    After a failed save (a full disk) every outstanding write's completion callback raises
+    "Event loop is closed", which TensorStore hands to sys.unraisablehook (a traceback each).
+    After a failed restore (a damaged step, moved aside in one line by `restore_latest`) Orbax's
+    other read coroutines of that step are dropped with their exceptions still set, and Python
+    prints each ("Exception ignored in: <coroutine ...>") with a page of TensorStore spec.
+    Everything else goes to `previous`.
+    """
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
+        previous(unraisable)
+
+    return hook
+
+
 def restore_params(ckpt_dir: str, step: int | None, abstract_pure, shardings):
     """Parameters (pure dict) of an Orbax checkpoint directory, straight into `shardings` (conversion's reader)."""
     from qwen_jax.checkpoint_format import restore_params as format_restore

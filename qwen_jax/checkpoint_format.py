@@ -263,10 +263,13 @@ def params_save_args(params: dict) -> dict:
     import orbax.checkpoint as ocp
 
     fields = {f.name for f in dataclasses.fields(ocp.SaveArgs)}
-    plain = {"chunk_byte_size": STORED_CHUNK_BYTES} if "chunk_byte_size" in fields else {}
-    per_layer = {**plain, "shard_axes": (0,)} if "shard_axes" in fields else plain
-    return {key: jax.tree.map(lambda _, kw=(per_layer if key == "layers" else plain): ocp.SaveArgs(**kw), value)
-            for key, value in params.items()}
+    bounded = {"chunk_byte_size": STORED_CHUNK_BYTES} if "chunk_byte_size" in fields else {}
+    other_args = ocp.SaveArgs(**bounded)
+    layer_args = ocp.SaveArgs(**bounded, shard_axes=(0,)) if "shard_axes" in fields else other_args
+    args = {key: jax.tree.map(lambda _: other_args, value) for key, value in params.items() if key != "layers"}
+    if "layers" in params:
+        args["layers"] = jax.tree.map(lambda _: layer_args, params["layers"])
+    return args
 
 
 def save_params_streaming(ckpt_dir: str, step: int, lazy_params: dict, on_block=None, budget: int = 1 << 30,

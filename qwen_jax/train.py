@@ -81,10 +81,10 @@ def main(argv):
         from absl import logging
 
         logging.set_verbosity(logging.WARNING)
-        from qwen_jax.checkpoint import OrbaxErrorLogFilter
+        from qwen_jax.checkpoint import OrbaxErrorLogFilter, quiet_orbax_leftovers
 
         logging.get_absl_logger().addFilter(OrbaxErrorLogFilter())
-        sys.unraisablehook = _quiet_orbax_leftovers(sys.unraisablehook)
+        sys.unraisablehook = quiet_orbax_leftovers(sys.unraisablehook)
     try:
         settings = run_config.distributed_settings(FLAGS.distributed, FLAGS.coordinator_address,
                                                    FLAGS.num_processes, FLAGS.process_id, os.environ)
@@ -117,27 +117,6 @@ def user_errors() -> tuple[type[Exception], ...]:
     from qwen_jax.trainer.optimizer import FreezeError
 
     return run_config.RunConfigError, ConfigError, DataError, BadRecordError, CheckpointError, FreezeError, LoraError
-
-
-def _quiet_orbax_leftovers(previous):
-    """An unraisable hook that drops what Orbax leaves behind after a failure the trainer reports itself.
-
-    After a failed save (a full disk) every outstanding write's completion callback raises
-    "Event loop is closed", which TensorStore hands to sys.unraisablehook (a traceback each).
-    After a failed restore (a damaged step, moved aside in one line by `restore_latest`) Orbax's
-    other read coroutines of that step are dropped with their exceptions still set, and Python
-    prints each ("Exception ignored in: <coroutine ...>") with a page of TensorStore spec.
-    """
-
-    def hook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-            return
-        code = getattr(unraisable.object, "cr_code", None)
-        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
-            return
-        previous(unraisable)
-
-    return hook
 
 
 def cli():

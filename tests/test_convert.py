@@ -220,12 +220,14 @@ def test_training_checkpoint_params_only(models, work, monkeypatch):
     assert cf.restore_params(ckpt, step=1)["embed_tokens"]["embedding"].shape == (151936, 32)
 
 
-def test_trainer_checkpoints_store_one_layer_a_chunk_and_export_exactly(models, work):
+def test_trainer_checkpoints_store_one_layer_a_chunk_and_export_exactly(models, work, monkeypatch):
     """The trainer's save (`checkpoint.Checkpointer`) stores each stacked parameter in chunks of one layer
-    and every array in chunks of at most STORED_CHUNK_BYTES, so an export never decodes a whole stacked
-    parameter to read one layer; the export is bit-identical."""
+    and every array in chunks of at most STORED_CHUNK_BYTES (lowered here to 64 KiB so the tiny model's
+    embedding must be split), so an export never decodes a whole stacked parameter to read one layer; the
+    export is bit-identical."""
     from qwen_jax.checkpoint import Checkpointer
 
+    monkeypatch.setattr(cf, "STORED_CHUNK_BYTES", 64 << 10)
     hf, _, _ = models["qwen3_untied_bf16_sharded"]
     ckpt = str(work / "trainer_layout_ckpt")
     params = nnx.to_pure_dict(nnx.state(from_pretrained(hf, param_dtype="keep"), nnx.Param))
@@ -240,6 +242,8 @@ def test_trainer_checkpoints_store_one_layer_a_chunk_and_export_exactly(models, 
     itemsize = {p: np.dtype(reader.dtype(p)).itemsize for p in reader.paths}
     assert all(np.prod(reader.chunk_shape(p)) * itemsize[p] <= cf.STORED_CHUNK_BYTES for p in reader.paths)
     assert max(reader.shape(p)[0] for p in stacked) > 1  # several layers: one chunk each
+    embedding = ("embed_tokens", "embedding")
+    assert reader.chunk_shape(embedding) != reader.shape(embedding)  # 9.7 MB: split under the bound
     _assert_identical(hf, convert.orbax_to_hf(ckpt, str(work / "trainer_layout_export")))
 
 

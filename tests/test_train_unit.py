@@ -233,3 +233,32 @@ def test_process_state_bytes_counts_replicas_once():
     replicated = jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
     assert len(replicated.addressable_shards) == 4
     assert process_state_bytes({"a": sharded, "b": [replicated]}) == 2 * x.nbytes
+
+
+def test_unraisable_hook_drops_only_orbax_leftovers():
+    """The trainer's `sys.unraisablehook`: Orbax's abandoned coroutines (a damaged step's other reads) and
+    TensorStore's "Event loop is closed" callbacks are dropped; anything else reaches the previous hook."""
+    import os
+    import types
+
+    from qwen_jax.checkpoint import quiet_orbax_leftovers
+
+    def coroutine_from(filename):
+        namespace = {}
+        exec(compile("async def read():\n    pass\n", filename, "exec"), namespace)
+        return namespace["read"]()
+
+    seen = []
+    hook = quiet_orbax_leftovers(seen.append)
+    orbax_read = coroutine_from(os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "serialization.py"))
+    own_read = coroutine_from(os.path.join(os.sep, "site-packages", "qwen_jax", "checkpoint.py"))
+    failed = Exception("Encountered error while reading array index")
+    events = [types.SimpleNamespace(exc_value=failed, object=orbax_read),
+              types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None),
+              types.SimpleNamespace(exc_value=failed, object=own_read),
+              types.SimpleNamespace(exc_value=ValueError("other"), object=None)]
+    for event in events:
+        hook(event)
+    orbax_read.close()
+    own_read.close()
+    assert seen == events[2:]
