@@ -19,6 +19,9 @@ over the summed step times of the steps after --warmup), on
 
 * `synthetic`: the trainer's synthetic batches (`synthetic_data=True`): two packed sequences of a quarter to a
   half of the row each, then padding (less attention than the peers' full causal rows);
+* `full_rows`: the trainer's synthetic batches with `synthetic_layout=full_rows`: one document fills each row,
+  no segment ids, every token counted: the step harness's batches, so `trainer full_rows vs harness` (printed
+  under the table) compares the launcher's step with the harness's on the same work;
 * `bundled`: the bundled chat set, tokenized with the real Qwen tokenizer and chat template, packed;
 * `spread`: a generated chat set with a long-tailed length spread (`benchmarks/make_chat_data.py`), packed.
 
@@ -75,7 +78,7 @@ from bench_common import failure_summary  # noqa: E402
 from moe_speed import run_worker as run_moe_worker  # noqa: E402
 from train_throughput import DEFAULT_XLA_FLAGS, PEAK, parse_shape, run_worker  # noqa: E402
 
-DATA_KINDS = ("synthetic", "bundled", "spread")
+DATA_KINDS = ("synthetic", "full_rows", "bundled", "spread")
 PEERS = ("torch", "liger", "harness")
 MIN_RUN_S = 20  # a run given less (--budget nearly spent) is skipped
 
@@ -104,8 +107,10 @@ def trainer_command(preset: str, seq: int, batch: int, data: str, steps: int, wo
            f"--config.save_every={10 * steps}", "--config.export_hf=False", "--config.log_every=5"]
     if model_overrides:
         cmd.append(f"--config.model.overrides={model_overrides}")
-    if data == "synthetic":
+    if data in ("synthetic", "full_rows"):
         cmd.append("--config.synthetic_data=True")
+    if data == "full_rows":
+        cmd.append("--config.synthetic_layout=full_rows")
     elif data == "spread":
         cmd.append("--config.data.sources=" + json.dumps([{"path": spread_path, "kind": "chat", "weight": 1.0}]))
     return cmd + list(extra)
@@ -268,7 +273,22 @@ def table_lines(rows: list[dict], trainer_args: str) -> list[str]:
             note += "  RSS peaks " + ", ".join(f"{p.replace('_', ' ')} {v:.1f}" for p, v in phases if v is not None)
         lines.append(f"{head}{r['tokens_per_s']:>9.0f}{r['step_s'] * 1e3:>9.1f}{dev:>9}{rss:>9}"
                      f"{100 * r['mfu_989']:>6.1f}%{ratio:>9}{note}")
+    for shape, trainer, harness in trainer_vs_harness(rows):
+        lines.append(f"{shape}: trainer full_rows vs harness: {trainer * 1e3:.1f} vs {harness * 1e3:.1f} ms a step "
+                     f"({100 * (trainer / harness - 1):+.1f}%)")
     return lines
+
+
+def trainer_vs_harness(rows: list[dict]) -> list[tuple[str, float, float]]:
+    """(shape, trainer step s, harness step s) where both ran on full rows (the like-for-like pair)."""
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        ok = [r for r in rows if r["shape"] == shape and "error" not in r]
+        trainer = next((r for r in ok if r["who"] == "trainer" and r["variant"] == "full_rows"), None)
+        harness = next((r for r in ok if r["who"] == "harness"), None)
+        if trainer and harness:
+            out.append((shape, trainer["step_s"], harness["step_s"]))
+    return out
 
 
 def main(argv=None) -> int:
@@ -278,7 +298,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="synthetic,spread", help=f"comma-separated, of {', '.join(DATA_KINDS)}")
     p.add_argument("--peers", default="torch,liger,harness", help=f"comma-separated, of {', '.join(PEERS)} "
                                                                   "(or empty)")
-    p.add_argument("--harness_variant", default="cudnn/none/noscan/2048")
+    # the trainer's defaults (configs/base.py: attention auto = cuDNN on GPU, no remat, unrolled layers,
+    # loss chunk 1024), so that the harness row times the launcher's step
+    p.add_argument("--harness_variant", default="cudnn/none/noscan/1024")
     p.add_argument("--steps", type=int, default=20, help="timed trainer steps (peers: steps per timed block)")
     p.add_argument("--warmup", type=int, default=5, help="trainer steps not timed (compilation, first batches)")
     p.add_argument("--spread_examples", type=int, default=20000)

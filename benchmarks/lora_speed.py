@@ -82,7 +82,7 @@ def build_lora_step(preset: str, seq: int, batch: int, variant: str, rank: int, 
     params = lora_lib.add_adapters(params, cfg, spec, abstract, p_sh, seed)
     state = ts.init_state(params, tx, seed, state_sh)
     del params
-    keys = ("input_ids", "targets", "loss_mask")
+    keys = ts.FULL_ROW_KEYS
     batch_sh = ts.batch_shardings(mesh, batch, seq, keys=keys)
     step = ts.make_train_step(graphdef, tx, sched, freeze, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
                               chunk_size=chunk, dropout_keys=lora_lib.dropout_key_fn(cfg, spec))

@@ -50,7 +50,7 @@ def worker(impl, seq, variant, preset, execute):
     spec = opt.resolve_freeze(abstract)
     tx, sched = opt.make_optimizer(abstract, get_config().optimizer, 1000, spec)
     state_sh = ts.state_shardings(tx, abstract, p_sh, mesh)
-    keys = ("input_ids", "targets", "loss_mask")
+    keys = ts.FULL_ROW_KEYS
     batch_sh = ts.batch_shardings(mesh, 1, seq, keys=keys)
     step = ts.make_train_step(graphdef, tx, sched, spec, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
                               chunk_size=int(chunk))

@@ -147,9 +147,7 @@ def build_jax_step(preset_or_cfg, seq: int, batch: int, variant: str, n_batches:
     state_sh = ts.state_shardings(tx, abstract, p_sh, mesh)
     state = ts.init_state(params, tx, seed, state_sh)
     del params
-    keys = ("input_ids", "targets", "loss_mask")  # one document per row: no positions/segments needed
-    if ring > 1:
-        keys += ("positions",)  # zig-zag order: positions cannot be regenerated from arange
+    keys = ts.full_row_keys(ring)  # one document per row (the launcher's `synthetic_layout=full_rows` batches)
     batch_sh = ts.batch_shardings(mesh, batch, seq, keys=keys)
     step = ts.make_train_step(graphdef, tx, sched, spec, mesh=mesh, state_sh=state_sh, batch_sh=batch_sh,
                               chunk_size=chunk, zigzag=ring > 1)

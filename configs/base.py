@@ -87,6 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- data: the pipeline's own block; `synthetic_data` replaces it with random tokens
     c.data = data_config()
     c.synthetic_data = False  # random tokens from (seed, step): tests and throughput runs
+    # packed: one or two sequences a row, then padding (segment ids, as packed chat data) | full_rows: one
+    # sequence fills each row, no segment ids (the step harness's batches: benchmarks/train_throughput.py)
+    c.synthetic_layout = "packed"
 
     # ---- held-out evaluation (qwen_jax/evaluate.py): loss and perplexity, logged as eval/loss, eval/perplexity
     c.eval = ml_collections.ConfigDict()

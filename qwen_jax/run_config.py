@@ -39,6 +39,7 @@ from typing import Any
 from qwen_jax.config import MOE_DISPATCHES, MOE_MATMUL_IMPLS, ConfigError, QwenConfig
 from qwen_jax.data.errors import DataError
 from qwen_jax.data.schedule import Stage, packing_lanes, parse_schedule
+from qwen_jax.trainer.synthetic import SYNTHETIC_LAYOUTS
 
 DEFAULT_CONFIG_FILE = "configs/base.py"
 
@@ -303,6 +304,12 @@ def check_run_settings(config) -> None:
     if config.model.moe_matmul not in MOE_MATMUL_IMPLS:
         raise RunConfigError(f"config key 'model.moe_matmul' must be {' | '.join(MOE_MATMUL_IMPLS)}, "
                              f"got {config.model.moe_matmul!r}")
+    layout = config.get("synthetic_layout", "packed")
+    if layout not in SYNTHETIC_LAYOUTS:
+        raise RunConfigError(f"config key 'synthetic_layout' must be {' | '.join(SYNTHETIC_LAYOUTS)}, got {layout!r}")
+    if layout != "packed" and not config.synthetic_data:
+        raise RunConfigError(f"config key 'synthetic_layout' ({layout}) applies to synthetic data only: "
+                             "set --config.synthetic_data=True or leave the layout at packed")
     if config.get("nonfinite", "stop") not in ("stop", "skip"):
         raise RunConfigError(f"config key 'nonfinite' must be stop | skip, got {config.nonfinite!r}")
     z = config.loss.z_loss

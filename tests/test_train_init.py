@@ -49,3 +49,19 @@ def test_init_from_hf_then_from_orbax(tmp_path):
     params = restore_params(str(root), 2, abstract, shardings)
     trained = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
     np.testing.assert_allclose(tl.losses(run2)[1], _loss(trained, batch0), rtol=2e-5)
+
+
+def test_full_row_synthetic_batches_reach_the_step_whole(tmp_path):
+    """--config.synthetic_layout=full_rows: step 1's loss is the model's on one document a row (no segment ids,
+    positions 0..seq-1) with every token counted (loss_tokens = batch x seq), as the step harness feeds it."""
+    hf = tmp_path / "hf"
+    make_hf_model(hf)
+    run = tmp_path / "run"
+    result = tl.run(run, f"--config.model.init_from={hf}", "--config.synthetic_layout=full_rows", *ARGS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    batch0 = SyntheticBatches(8, 64, 256, layout="full_rows").global_batch(0)
+    model = from_pretrained(hf)
+    expected = float(reference_loss(model(batch0["input_ids"]), batch0["targets"], batch0["loss_mask"]))
+    first = next(r for r in tl.all_records(run) if r.get("step") == 1 and "loss" in r)
+    assert first["loss_tokens"] == 8 * 64
+    np.testing.assert_allclose(first["loss"], expected, rtol=2e-5)

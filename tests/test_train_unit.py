@@ -167,6 +167,28 @@ def test_synthetic_batches_split_over_processes():
     assert whole["loss_mask"].sum() > 0 and (whole["segment_ids"] == 0).any()
 
 
+def test_full_row_synthetic_batches_are_the_harness_batches():
+    """layout="full_rows": one rule-following sequence fills each row, every token counts, positions 0..seq-1,
+    no segment ids; the step is given only `full_row_keys` (positions too under ring attention)."""
+    data = SyntheticBatches(4, 32, 512, seed=5, layout="full_rows")
+    batch = data.global_batch(3)
+    assert set(batch) == {"input_ids", "targets", "positions", "loss_mask"}
+    assert all(x.shape == (4, 32) for x in batch.values())
+    np.testing.assert_array_equal(batch["targets"][:, :-1], batch["input_ids"][:, 1:])
+    np.testing.assert_array_equal(batch["positions"], np.tile(np.arange(32), (4, 1)))
+    assert (batch["loss_mask"] == 1.0).all()
+    assert len({tuple(row[:4]) for row in batch["input_ids"]}) == 4  # each row its own sequence
+    again = SyntheticBatches(4, 32, 512, seed=5, layout="full_rows").global_batch(3)
+    assert all(np.array_equal(batch[k], again[k]) for k in batch)
+    assert not np.array_equal(batch["input_ids"], data.global_batch(4)["input_ids"])
+    packed = SyntheticBatches(4, 32, 512, seed=5).global_batch(3)
+    assert (packed["segment_ids"] == 0).any() and packed["loss_mask"].sum() < 4 * 32
+    assert ts.full_row_keys(1) == ("input_ids", "targets", "loss_mask")
+    assert ts.full_row_keys(2) == ("input_ids", "targets", "loss_mask", "positions")
+    with pytest.raises(ValueError, match="packed | full_rows"):
+        SyntheticBatches(4, 32, 512, layout="full")
+
+
 def test_printed_speed_is_the_log_windows_not_the_last_steps(tmp_path, capsys):
     """The stdout line at a log step reports tokens over wall time since the previous line: a short last
     interval (a checkpoint or eval sync right after the step) must not print an impossible rate."""

@@ -46,8 +46,12 @@ def _nested_set(tree: dict, path: tuple[str, ...], value) -> None:
 
 # ---------------------------------------------------------------- hf -> orbax
 def hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "keep", overwrite: bool = False,
-                progress: Callable[..., Progress] | None = None) -> str:
-    """Convert a Hugging Face safetensors folder into a checkpoint directory (step 0). Returns out_dir."""
+                progress: Callable[..., Progress] | None = None, compress: bool = False) -> str:
+    """Convert a Hugging Face safetensors folder into a checkpoint directory (step 0). Returns out_dir.
+
+    `compress`: zstd chunks, as the trainer's own checkpoints are written.  Off by default: on weights
+    it saves about a tenth of the disk for 1.6x the CPU time and 1.5x the peak memory (Qwen2-0.5B
+    fp32 on 2 CPUs: 10.0 -> 6.1 CPU s, 1.37 -> 0.90 GiB, 1.7 -> 1.9 GB), and restores read both."""
     from qwen_jax import checkpoint_format as cf
     from qwen_jax.checkpoint_format import block_rows_for
     from qwen_jax.config import load_hf_config
@@ -91,8 +95,8 @@ def hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "keep", overwrite: bool 
 
         with atomic_output(out, overwrite, sources=(hf_dir,)) as tmp:
             largest = max(reader.nbytes(n) for n in reader.files)
-            with_disk_errors(lambda: cf.save_params_streaming(tmp, 0, lazy, on_block=on_block, budget=largest),
-                              out)
+            with_disk_errors(lambda: cf.save_params_streaming(tmp, 0, lazy, on_block=on_block, budget=largest,
+                                                              compress=compress), out)
             copied = cf.copy_side_files(hf_dir, tmp)
         bar.close()
         log.info("wrote %s (step 0; side files: %s)", out, ", ".join(copied))
@@ -135,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out_dir", required=True)
     a.add_argument("--dtype", default="keep", choices=["bf16", "fp16", "fp32", "keep"])
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out_dir")
+    a.add_argument("--compress", action="store_true",
+                   help="zstd-compress the checkpoint's chunks (about a tenth smaller; slower, more memory)")
     b = sub.add_parser("orbax-to-hf", help="Orbax checkpoint directory (converted or training) -> Hugging Face folder")
     b.add_argument("--ckpt", required=True, help="checkpoint directory (CheckpointManager root)")
     b.add_argument("--step", type=int, default=None, help="step to export (default: latest)")
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "merge-lora":
             run_lora_command(args)
         elif args.command == "hf-to-orbax":
-            hf_to_orbax(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+            hf_to_orbax(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, compress=args.compress)
         else:
             orbax_to_hf(args.ckpt, args.out_dir, step=args.step, dtype=args.dtype,
                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,

@@ -72,7 +72,9 @@ def run(config, workdir: str, hooks=()) -> int:
     tx, schedule = opt_lib.make_optimizer(abstract_params, config.optimizer, int(config.total_steps), freeze)
     state_sh = ts.state_shardings(tx, abstract_params, p_sh, mesh)
     abstract = ts.abstract_state(tx, abstract_params, state_sh)
-    batch_sh = ts.batch_shardings(mesh, gbs, seq_len)
+    full_rows = config.synthetic_data and config.get("synthetic_layout", "packed") == "full_rows"
+    batch_keys = ts.full_row_keys(ring) if full_rows else ts.BATCH_KEYS
+    batch_sh = ts.batch_shardings(mesh, gbs, seq_len, keys=batch_keys)
     keep = int(config.keep_checkpoints)  # >= 1 and a known `nonfinite` mode: checked by run_config.validate
     nonfinite = str(config.nonfinite)
     total = int(config.total_steps)
@@ -104,7 +106,8 @@ def run(config, workdir: str, hooks=()) -> int:
         # ---- data
         if config.synthetic_data:
             data_iter = SyntheticBatches(gbs, seq_len, cfg.vocab_size, seed=int(config.data.get("seed", 0)),
-                                         process_index=pidx, process_count=pcount, stages=spec.stages)
+                                         process_index=pidx, process_count=pcount, stages=spec.stages,
+                                         layout=config.get("synthetic_layout", "packed"))
         else:
             from qwen_jax.data import make_pipeline
 
@@ -180,7 +183,7 @@ def run(config, workdir: str, hooks=()) -> int:
             packed = packed_watch.measure(local)
             local = ts.permute_batch_for_ring(local, ring)
             return {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k]))
-                    for k in ts.BATCH_KEYS}, packed
+                    for k in batch_keys}, packed
 
         prefetcher = DevicePrefetcher(data_iter, to_global)
 

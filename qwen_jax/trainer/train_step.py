@@ -32,6 +32,9 @@ from qwen_jax.trainer.loss import model_loss_sums
 from qwen_jax.trainer.optimizer import ALL, FreezeSpec, apply_freeze, path_str
 
 BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
+# one document per row: positions are 0..seq-1 and there are no segments (ring attention's zig-zag
+# order still needs the positions: `full_row_keys`)
+FULL_ROW_KEYS = ("input_ids", "targets", "loss_mask")
 ROUTER_METRICS = ("router_aux_loss", "router_z_loss")  # mixture-of-experts models only
 NONFINITE_MODES = ("stop", "skip")  # what a step with a non-finite loss / gradient norm / learning rate does
 
@@ -96,6 +99,11 @@ def init_state(params, tx, seed: int, shardings) -> dict:
                 "rng": jax.random.PRNGKey(seed + 1)}
 
     return jax.jit(make, out_shardings=shardings, donate_argnums=0)(params)
+
+
+def full_row_keys(ring: int) -> tuple[str, ...]:
+    """The batch keys of one-document rows: FULL_ROW_KEYS, plus positions under ring attention."""
+    return FULL_ROW_KEYS + (("positions",) if ring > 1 else ())
 
 
 def batch_shardings(mesh: Mesh, global_batch: int, seq_len: int, keys=BATCH_KEYS) -> dict:
